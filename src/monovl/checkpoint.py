@@ -1,0 +1,174 @@
+"""Read and write checkpoints in the release format (config.json + single or sharded safetensors).
+
+Loading builds the model on the meta device and materialises one tensor at a time from the memory-mapped
+files, cast to the target dtype, so two full copies of the weights never coexist.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from monovl.config import ModelConfig, from_hf_config, to_hf_config
+from monovl.model import MonoInternVL
+
+log = logging.getLogger(__name__)
+INDEX = "model.safetensors.index.json"
+LLM_PREFIX = "language_model."  # a plain InternLM2 checkpoint stores our `language_model.*` without it
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message names the problem."""
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a checkpoint folder")
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no config.json") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}/config.json is not valid JSON: {e}") from None
+    try:
+        cfg = from_hf_config(raw)
+    except KeyError as e:
+        raise CheckpointError(f"{path}/config.json lacks the field {e}") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path}/config.json: {e}") from None
+    gen = path / "generation_config.json"
+    cfg.generation = json.loads(gen.read_text()) if gen.exists() else None
+    return cfg
+
+
+def _weight_files(path: Path) -> list[Path]:
+    if (path / INDEX).exists():
+        weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{path}: shard file(s) listed in {INDEX} are missing: {', '.join(missing)}")
+        return files
+    if (path / "model.safetensors").exists():
+        return [path / "model.safetensors"]
+    raise CheckpointError(f"{path} has no model.safetensors or {INDEX} (only safetensors weights are read)")
+
+
+def _file_key(cfg: ModelConfig, name: str) -> str:
+    """Our parameter name → the name stored in the checkpoint."""
+    return name[len(LLM_PREFIX):] if cfg.vision is None else name
+
+
+def _expert_hint(cfg: ModelConfig, missing: list[str], unexpected: list[str]) -> str:
+    if cfg.llm.visual_attention_experts and any(".attention_ve." in k for k in missing):
+        return (" — config.json enables visual_attention_experts (v1.5) but the weights have no attention_ve.*; "
+                "set llm_config.visual_attention_experts to false for a v1 checkpoint")
+    if any(".attention_ve." in k for k in unexpected):
+        return (" — the weights carry attention experts (attention_ve.*, Mono-InternVL-1.5) but config.json does "
+                "not enable them; set llm_config.visual_attention_experts to true")
+    return ""
+
+
+def load_model(path, *, dtype: torch.dtype | None = None, device=None, image_token_id: int | None = None):
+    """Load a release-format folder (InternVLChatModel, or an InternLM2ForCausalLM as the text part)."""
+    path = Path(path)
+    cfg = read_config(path)
+    device = torch.device(device or "cpu")
+    dtype = dtype or default_dtype(device)
+    if image_token_id is None and cfg.vision is not None:
+        from monovl.tokenizer import Tokenizer
+        try:
+            image_token_id = Tokenizer.from_dir(path).img_context_id
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read the <IMG_CONTEXT> id from the tokenizer in {path} ({e}); "
+                                  "pass image_token_id") from None
+    cfg.image_token_id = image_token_id
+    with torch.device("meta"):
+        model = MonoInternVL(cfg)
+    params = {_file_key(cfg, n): n for n, _ in model.named_parameters()}
+    seen, unexpected, problems = set(), [], []
+    for file in _weight_files(path):
+        try:
+            handle = safe_open(file, framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from None
+        with handle as f:
+            for key in f.keys():
+                if key not in params:
+                    unexpected.append(key)
+                    continue
+                name = params[key]
+                want = tuple(model.get_parameter(name).shape)
+                got = tuple(f.get_slice(key).get_shape())
+                if got != want:
+                    problems.append(f"{key}: shape {got} in {file.name}, expected {want}")
+                    continue
+                _assign(model, name, f.get_tensor(key).to(device=device, dtype=dtype))
+                seen.add(key)
+    missing = sorted(set(params) - seen - {p.split(":")[0] for p in problems})
+    if missing or unexpected or problems:
+        parts = [f"wrong shape: {'; '.join(problems)}"] if problems else []
+        parts += [f"missing key(s): {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}"] if missing else []
+        parts += [f"unexpected key(s): {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}"] \
+            if unexpected else []
+        raise CheckpointError(f"{path}: " + "; ".join(parts) + _expert_hint(cfg, missing, unexpected))
+    log.info("loaded %s (%s, %d tensors, %s)", path, cfg.architecture, len(seen), dtype)
+    return model.eval()
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def save_model(model: MonoInternVL, path, *, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30,
+               tokenizer=None) -> None:
+    """Write `model` in the release format; above `max_shard_bytes` the weights are sharded with an index."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    tensors = {_file_key(cfg, n): p.detach() for n, p in model.named_parameters()}
+    dtype = dtype or next(iter(tensors.values())).dtype
+    shards, size = [[]], 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, keys in zip(names, shards):
+        part = {k: tensors[k].to(device="cpu", dtype=dtype).contiguous() for k in keys}
+        save_file(part, str(path / name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * dtype.itemsize for t in tensors.values())},
+                 "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
+        (path / INDEX).write_text(json.dumps(index, indent=2))
+    elif (path / INDEX).exists():
+        (path / INDEX).unlink()
+    hf = to_hf_config(cfg, torch_dtype=_dtype_name(dtype))
+    gen = cfg.generation or {
+        "bos_token_id": cfg.llm.bos_token_id, "eos_token_id": cfg.llm.eos_token_id,
+        "pad_token_id": cfg.llm.pad_token_id}
+    (path / "config.json").write_text(json.dumps(hf, indent=2, ensure_ascii=False))
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    if tokenizer is not None:
+        tokenizer.save(path)

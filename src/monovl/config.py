@@ -1,0 +1,176 @@
+"""Model configuration: dataclasses, named presets, and the Hugging Face `config.json` mapping.
+
+`from_hf_config` / `to_hf_config` are the only places that know Hugging Face field names. The original
+dict is kept in `ModelConfig.hf` so a load → save round trip preserves every field, unknown ones too.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+
+SUPPORTED_ARCHITECTURES = ("InternVLChatModel", "InternLM2ForCausalLM", "InternLM2VEForCausalLM")
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 448  # tile side in pixels
+    patch_size: int = 14
+    hidden_size: int = 2048  # C, the patch-embedding width
+
+
+@dataclass
+class LLMConfig:
+    vocab_size: int = 92553
+    hidden_size: int = 2048
+    num_layers: int = 24
+    num_heads: int = 16
+    num_kv_heads: int = 8
+    intermediate_size: int = 8192
+    rope_theta: float = 1e6
+    rope_scaling: dict | None = None  # {"type": "linear" | "dynamic", "factor": f}
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-5
+    bias: bool = False
+    visual_ffn_experts: bool = True  # False for a plain InternLM2 LLM
+    visual_attention_experts: bool = False  # Mono-InternVL-1.5 attention experts
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class ModelConfig:
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vision: VisionConfig | None = field(default_factory=VisionConfig)  # None: a text-only LLM
+    downsample_ratio: float = 0.5
+    ps_version: str = "v2"
+    template: str = "internlm2-chat"
+    dynamic_image_size: bool = True
+    use_thumbnail: bool = True
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 12
+    image_token_id: int | None = None  # id of <IMG_CONTEXT>; read from the tokenizer files on load
+    hf: dict = field(default_factory=dict, repr=False)  # the config.json this came from, if any
+    generation: dict | None = field(default=None, repr=False)  # generation_config.json, if any
+
+    @property
+    def num_image_token(self) -> int:
+        """Tokens per tile: (S / patch)² · downsample_ratio²."""
+        grid = self.vision.image_size // self.vision.patch_size
+        return int(grid * grid * self.downsample_ratio**2)
+
+    @property
+    def architecture(self) -> str:
+        return "InternVLChatModel" if self.vision is not None else "InternLM2ForCausalLM"
+
+
+def _debug() -> ModelConfig:
+    return ModelConfig(
+        llm=LLMConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=128, max_position_embeddings=4096),
+        vision=VisionConfig(image_size=56, patch_size=14, hidden_size=32),
+        max_dynamic_patch=6,
+    )
+
+
+def _mono_internvl_2b() -> ModelConfig:
+    return ModelConfig()
+
+
+def _mono_internvl_15_2b() -> ModelConfig:
+    cfg = ModelConfig()
+    cfg.llm.visual_attention_experts = True
+    return cfg
+
+
+PRESETS = {"debug": _debug, "mono-internvl-2b": _mono_internvl_2b, "mono-internvl-1.5-2b": _mono_internvl_15_2b}
+
+
+def preset(name: str, **llm_overrides) -> ModelConfig:
+    """A named preset; keyword arguments override `LLMConfig` fields (e.g. num_layers=4)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    cfg = PRESETS[name]()
+    cfg.llm = dataclasses.replace(cfg.llm, **llm_overrides)
+    return cfg
+
+
+def _llm_from_hf(d: dict, *, visual_ffn_experts: bool) -> LLMConfig:
+    return LLMConfig(
+        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
+        num_heads=d["num_attention_heads"], num_kv_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
+        intermediate_size=d["intermediate_size"], rope_theta=float(d.get("rope_theta", 10000.0)),
+        rope_scaling=d.get("rope_scaling"), max_position_embeddings=d.get("max_position_embeddings", 2048),
+        rms_norm_eps=d.get("rms_norm_eps", 1e-6), bias=bool(d.get("bias", False)),
+        visual_ffn_experts=visual_ffn_experts,
+        visual_attention_experts=bool(d.get("visual_attention_experts", False)),
+        bos_token_id=d.get("bos_token_id", 1), eos_token_id=d.get("eos_token_id", 2),
+        pad_token_id=d.get("pad_token_id", 2),
+    )
+
+
+def from_hf_config(d: dict) -> ModelConfig:
+    """Map a Hugging Face `config.json` dict (InternVLChatModel or InternLM2ForCausalLM) to a ModelConfig."""
+    arch = (d.get("architectures") or ["<none>"])[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {arch!r} in config.json; monovl supports "
+                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    if arch != "InternVLChatModel":
+        return ModelConfig(llm=_llm_from_hf(d, visual_ffn_experts=arch == "InternLM2VEForCausalLM"),
+                           vision=None, hf=copy.deepcopy(d))
+    v, llm = d["vision_config"], d["llm_config"]
+    llm_arch = (llm.get("architectures") or ["InternLM2VEForCausalLM"])[0]
+    if llm_arch != "InternLM2VEForCausalLM":
+        raise ValueError(f"unsupported llm_config architecture {llm_arch!r}: monovl runs monolithic "
+                         "checkpoints whose LLM is InternLM2VEForCausalLM")
+    image_size = d.get("force_image_size") or v.get("image_size", 448)
+    return ModelConfig(
+        llm=_llm_from_hf(llm, visual_ffn_experts=True),
+        vision=VisionConfig(image_size=image_size, patch_size=v.get("patch_size", 14), hidden_size=v["hidden_size"]),
+        downsample_ratio=d.get("downsample_ratio", 0.5), ps_version=d.get("ps_version", "v2"),
+        template=d.get("template", "internlm2-chat"), dynamic_image_size=d.get("dynamic_image_size", True),
+        use_thumbnail=d.get("use_thumbnail", True), min_dynamic_patch=d.get("min_dynamic_patch", 1),
+        max_dynamic_patch=d.get("max_dynamic_patch", 12), hf=copy.deepcopy(d),
+    )
+
+
+def _llm_to_hf(c: LLMConfig, base: dict, arch: str) -> dict:
+    d = dict(base)
+    d.update(architectures=[arch], model_type="internlm2", vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+             num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+             intermediate_size=c.intermediate_size, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
+             max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps, bias=c.bias,
+             hidden_act="silu", tie_word_embeddings=False, bos_token_id=c.bos_token_id,
+             eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id)
+    if c.visual_attention_experts or "visual_attention_experts" in d:
+        d["visual_attention_experts"] = c.visual_attention_experts
+    return d
+
+
+def to_hf_config(cfg: ModelConfig, torch_dtype: str | None = None) -> dict:
+    """The `config.json` dict: the original fields, updated with this config's values."""
+    d = copy.deepcopy(cfg.hf)
+    if cfg.vision is None:
+        arch = "InternLM2VEForCausalLM" if cfg.llm.visual_ffn_experts else "InternLM2ForCausalLM"
+        d = _llm_to_hf(cfg.llm, d, arch)
+        if torch_dtype:
+            d["torch_dtype"] = torch_dtype
+        return d
+    llm = _llm_to_hf(cfg.llm, d.get("llm_config", {}), "InternLM2VEForCausalLM")
+    vision = dict(d.get("vision_config", {}))
+    vision.update(model_type="intern_vit_patch", architectures=["InternVisionPatchModel"],
+                  image_size=cfg.vision.image_size, patch_size=cfg.vision.patch_size,
+                  hidden_size=cfg.vision.hidden_size, num_channels=3)
+    if torch_dtype:
+        llm["torch_dtype"] = vision["torch_dtype"] = d["torch_dtype"] = torch_dtype
+    d.update(architectures=["InternVLChatModel"], model_type="internvl_chat", llm_config=llm,
+             vision_config=vision, force_image_size=cfg.vision.image_size, downsample_ratio=cfg.downsample_ratio,
+             ps_version=cfg.ps_version, select_layer=-1, template=cfg.template,
+             dynamic_image_size=cfg.dynamic_image_size, use_thumbnail=cfg.use_thumbnail,
+             min_dynamic_patch=cfg.min_dynamic_patch, max_dynamic_patch=cfg.max_dynamic_patch)
+    return d

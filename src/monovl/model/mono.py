@@ -1,0 +1,60 @@
+"""Mono-InternVL: a patch embedding feeding an InternLM2 decoder that carries visual experts."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from monovl.config import ModelConfig
+from monovl.model.decoder import InternLM2ForCausalLM, KVCache
+from monovl.model.vision import VisionModel, make_mlp1, pixel_shuffle
+
+
+class MonoInternVL(nn.Module):
+    """Parameter names equal the release checkpoint's: `vision_model.*`, `mlp1.*`, `language_model.*`.
+    With `cfg.vision` None it is a plain text LLM (an InternLM2ForCausalLM checkpoint under `language_model.`)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.vision is not None:
+            v = cfg.vision
+            self.vision_model = VisionModel(v.image_size, v.patch_size, v.hidden_size)
+            self.mlp1 = make_mlp1(cfg)
+        self.language_model = InternLM2ForCausalLM(cfg.llm)
+
+    def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (N, 3, S, S) → visual tokens (N, num_image_token, D)."""
+        x = self.vision_model(pixel_values)  # (N, h, w, C)
+        x = pixel_shuffle(x, self.cfg.downsample_ratio, self.cfg.ps_version)  # (N, h/2, w/2, 4C)
+        return self.mlp1(x.flatten(1, 2))  # (N, h*w/4, D)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None):
+        """Token embeddings with image features placed, in order, on the <IMG_CONTEXT> rows → ((B, T, D), mask)."""
+        lm = self.language_model.model
+        x = lm.tok_embeddings(input_ids)  # (B, T, D)
+        image_id = self.cfg.image_token_id
+        visual_mask = input_ids == (image_id if image_id is not None else -1)  # (B, T)
+        if pixel_values is not None and len(pixel_values):
+            if self.cfg.vision is None or image_id is None:
+                raise ValueError("pixel_values given, but this model has no vision part or no <IMG_CONTEXT> id")
+            feats = self.extract_feature(pixel_values)  # (N, t, D)
+            n_slots = int(visual_mask.sum())
+            if n_slots != feats.shape[0] * feats.shape[1]:
+                raise ValueError(f"the prompt has {n_slots} <IMG_CONTEXT> tokens but the images give "
+                                 f"{feats.shape[0]} tiles × {feats.shape[1]} = {feats.shape[0] * feats.shape[1]}")
+            x = x.masked_scatter(visual_mask[..., None], feats.to(x.dtype))
+        elif bool(visual_mask.any()) and input_ids.shape[1] > 1:
+            raise ValueError("the prompt has <IMG_CONTEXT> tokens but no pixel_values were given")
+        return x, visual_mask
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
+                input_pos: torch.Tensor | None = None, cache: KVCache | None = None,
+                logits_at: torch.Tensor | None = None, dense: bool = False) -> torch.Tensor:
+        """input_ids (B, T) → logits (B, T, V) (or (B, 1, V) with `logits_at`). See InternLM2ForCausalLM."""
+        x, visual_mask = self.embed(input_ids, pixel_values)
+        return self.language_model(x, visual_mask, input_pos=input_pos, cache=cache, logits_at=logits_at,
+                                   dense=dense)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        p = self.language_model.output.weight
+        return KVCache(self.cfg.llm, batch, max_len, p.dtype, p.device)
