@@ -1,0 +1,117 @@
+"""`monovl bench`: prefill/decode speed against this machine's GEMM peak and copy bandwidth, in one run.
+
+Also times the official "dense blend" route (both experts on every token, logits for every position) on
+the same weights and prompt, so the routed path's gain is a ratio measured side by side.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from monovl.model import MonoInternVL
+
+
+def _best(fn, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def gemm_peak_gflops(n: int = 2048, repeat: int = 5, dtype=torch.float32, device="cpu") -> float:
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    _sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    return 2 * n**3 / _best(lambda: (a @ b, _sync()), repeat) / 1e9
+
+
+def copy_bandwidth_gbs(mbytes: int = 512, repeat: int = 5, device="cpu") -> float:
+    """STREAM-style copy: bytes read + bytes written per second."""
+    src = torch.ones(mbytes * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    _sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    return 2 * src.numel() * 4 / _best(lambda: (dst.copy_(src), _sync()), repeat) / 1e9
+
+
+def random_init_(model: MonoInternVL, seed: int = 0) -> MonoInternVL:
+    """Cheap random weights (std 0.02, norms 1) for benchmarking a geometry without a checkpoint."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("_norm.weight") or name.startswith("mlp1.0"):
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(0.02))
+    return model
+
+
+@dataclass
+class Flops:
+    prefill: float  # routed prefill, logits for the last position only
+    dense: float  # official blend: both FFNs on every token, logits for every position
+    decode_bytes: float  # bytes read per decode step (text weights + KV cache)
+
+
+def count(model: MonoInternVL, n_text: int, n_vis: int, tiles: int, decode_kv: int) -> Flops:
+    c, t = model.cfg.llm, n_text + n_vis
+    d, hd = c.hidden_size, c.head_dim
+    attn_params = d * (c.num_heads + 2 * c.num_kv_heads) * hd + c.num_heads * hd * d
+    ffn_params = 3 * d * c.intermediate_size
+    per_layer = 2 * t * (attn_params + ffn_params) + 4 * c.num_heads * hd * t * (t + 1) / 2  # linears + causal attn
+    vis = 0.0
+    if model.cfg.vision is not None and tiles:
+        v = model.cfg.vision
+        grid = (v.image_size // v.patch_size) ** 2
+        c4 = v.hidden_size * int(1 / model.cfg.downsample_ratio) ** 2
+        vis = 2 * tiles * (grid * 3 * v.patch_size**2 * v.hidden_size + grid // 4 * (c4 * d + d * d))
+    head = 2 * d * c.vocab_size
+    prefill = c.num_layers * per_layer + vis + head
+    dense = prefill + c.num_layers * 2 * t * ffn_params * (1 if c.visual_ffn_experts else 0) + head * (t - 1)
+    if c.visual_attention_experts:
+        dense += c.num_layers * 2 * t * attn_params
+    bytes_per = model.language_model.output.weight.element_size()
+    weights = c.num_layers * (attn_params + ffn_params + 2 * d) + d + c.vocab_size * d + d
+    kv = c.num_layers * 2 * c.num_kv_heads * hd * decode_kv
+    return Flops(prefill, dense, (weights + kv) * bytes_per)
+
+
+def run_bench(model: MonoInternVL, *, tiles: int = 1, text_tokens: int = 32, decode_tokens: int = 16,
+              repeat: int = 2, dense: bool = True) -> dict:
+    """Time prefill (TTFT), decode and the dense blend on a synthetic prompt; return the figures."""
+    p = model.language_model.output.weight
+    device, dtype = p.device, p.dtype
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    img = model.cfg.image_token_id
+    n_vis = model.cfg.num_image_token * tiles if model.cfg.vision is not None and tiles else 0
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(3, min(model.cfg.llm.vocab_size, 90000), (text_tokens,), generator=g)
+    ids = torch.cat([text[:4], torch.full((n_vis,), img if n_vis else 0), text[4:]])[None].to(device)  # (1, T)
+    pv = torch.randn(tiles, 3, model.cfg.vision.image_size, model.cfg.vision.image_size, generator=g).to(
+        device, dtype) if n_vis else None
+    t = ids.shape[1]
+    cache = model.new_cache(1, t + decode_tokens + 1)
+    pos = torch.arange(t, device=device)[None]
+    last = torch.tensor([t - 1], device=device)
+
+    def prefill():
+        tok = model(ids, pv, input_pos=pos, cache=cache, logits_at=last)[:, 0].argmax(-1)
+        sync()
+        return tok
+
+    with torch.inference_mode():
+        prefill()  # warm-up
+        ttft = _best(prefill, repeat)
+        tok = prefill()
+        start = time.perf_counter()
+        for i in range(decode_tokens):
+            tok = model(tok[:, None], input_pos=torch.tensor([[t + i]], device=device), cache=cache)[:, 0].argmax(-1)
+        sync()
+        decode_s = (time.perf_counter() - start) / max(decode_tokens, 1)
+        dense_s = _best(lambda: (model(ids, pv, dense=True), sync()), repeat) if dense else float("nan")
+    f = count(model, text_tokens, n_vis, tiles, t + decode_tokens // 2)
+    return dict(tokens=t, visual_tokens=n_vis, ttft_s=ttft, prefill_tok_s=t / ttft, prefill_gflops=f.prefill / ttft / 1e9,
+                decode_tok_s=1 / decode_s, decode_gbs=f.decode_bytes / decode_s / 1e9, dense_ttft_s=dense_s,
+                dense_gflops=f.dense / dense_s / 1e9, dense_over_routed=dense_s / ttft)
