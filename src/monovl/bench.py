@@ -31,21 +31,9 @@ def gemm_peak_gflops(n: int = 2048, repeat: int = 5, dtype=torch.float32, device
 def copy_bandwidth_gbs(mbytes: int = 512, repeat: int = 5, device="cpu") -> float:
     """STREAM-style copy: bytes read + bytes written per second."""
     src = torch.ones(mbytes * 2**20 // 4, device=device)
-    dst = torch.empty_like(src)
+    dst = torch.zeros_like(src)  # touched, so page faults stay out of the timing
     _sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     return 2 * src.numel() * 4 / _best(lambda: (dst.copy_(src), _sync()), repeat) / 1e9
-
-
-def random_init_(model: MonoInternVL, seed: int = 0) -> MonoInternVL:
-    """Cheap random weights (std 0.02, norms 1) for benchmarking a geometry without a checkpoint."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("_norm.weight") or name.startswith("mlp1.0"):
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(0.02))
-    return model
 
 
 @dataclass

@@ -16,7 +16,7 @@ SUPPORTED_ARCHITECTURES = ("InternVLChatModel", "InternLM2ForCausalLM", "InternL
 class VisionConfig:
     image_size: int = 448  # tile side in pixels
     patch_size: int = 14
-    hidden_size: int = 2048  # C, the patch-embedding width
+    hidden_size: int = 1024  # C, the patch-embedding width (1024 gives the stated 3.11 B total; unconfirmed)
 
 
 @dataclass
