@@ -1,0 +1,123 @@
+"""The `internlm2-chat` prompt template of InternVL / Mono-InternVL (design.md §2), as plain strings.
+
+    <|im_start|>system\\n{system}<|im_end|><|im_start|>user\\n{q}<|im_end|><|im_start|>assistant\\n{a}<|im_end|>...
+
+Facts (InternVL `internvl_chat/internvl/conversation.py`, template `internlm2-chat`, separator style MPT):
+the system block is `<|im_start|>system\\n{system_message}` + `<|im_end|>` and is written even when the
+system message is empty; a turn is `role + message + <|im_end|>`, or the bare role when the message is
+empty (the generation prompt); there is no newline after `<|im_end|>`. An image is
+`<img>` + `<IMG_CONTEXT>` x (num_image_token * tiles) + `</img>`, substituted for the k-th `<image>`
+placeholder in order (`InternVLChatModel.chat`).
+"""
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+IMG_START = "<img>"
+IMG_END = "</img>"
+IMG_CONTEXT = "<IMG_CONTEXT>"
+IMAGE_PLACEHOLDER = "<image>"
+
+# Default system message of the InternVL `internlm2-chat` template (InternVL2 / Mono-InternVL releases).
+DEFAULT_SYSTEM_MESSAGE = (
+    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+)
+
+_ROLE_HEADERS = {"user": f"{IM_START}user\n", "assistant": f"{IM_START}assistant\n"}
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One finished exchange of a conversation; `num_tiles` has one entry per `<image>` in `question`."""
+
+    question: str
+    answer: str
+    num_tiles: tuple[int, ...] = ()
+
+
+def render(messages: Sequence[dict], system: str | None = None) -> str:
+    """Render `{"role": "user"|"assistant", "content": str}` messages as an `internlm2-chat` prompt.
+
+    A leading `{"role": "system"}` message sets the system message unless `system` is given; `None` means
+    DEFAULT_SYSTEM_MESSAGE. The generation prompt `<|im_start|>assistant\\n` ends the text when the last
+    message is the user's. `<image>` placeholders are left as they are (see `expand_images`).
+    """
+    messages = list(messages)
+    if messages and messages[0]["role"] == "system":
+        if system is None:
+            system = messages[0]["content"]
+        messages = messages[1:]
+    if system is None:
+        system = DEFAULT_SYSTEM_MESSAGE
+    parts = [f"{IM_START}system\n{system}{IM_END}"]
+    for message in messages:
+        role, content = message["role"], message["content"]
+        if role not in _ROLE_HEADERS:
+            raise ValueError(f"unknown role {role!r}: expected 'user' or 'assistant' (or a leading 'system')")
+        # As the official template: an empty message renders as the bare role header.
+        parts.append(_ROLE_HEADERS[role] + (content + IM_END if content else ""))
+    if messages and messages[-1]["role"] == "user":
+        parts.append(_ROLE_HEADERS["assistant"])
+    return "".join(parts)
+
+
+def image_block(tiles: int, num_image_token: int) -> str:
+    """`<img>` + `<IMG_CONTEXT>` x (num_image_token * tiles) + `</img>`."""
+    return IMG_START + IMG_CONTEXT * (num_image_token * tiles) + IMG_END
+
+
+def expand_images(prompt: str, num_tiles: Sequence[int], num_image_token: int) -> str:
+    """Replace the k-th `<image>` placeholder by the image block of `num_tiles[k]` tiles."""
+    pieces = prompt.split(IMAGE_PLACEHOLDER)
+    if len(pieces) - 1 != len(num_tiles):
+        raise ValueError(
+            f"the prompt has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders but {len(num_tiles)} images were given"
+        )
+    out = [pieces[0]]
+    for tiles, piece in zip(num_tiles, pieces[1:]):
+        out += [image_block(tiles, num_image_token), piece]
+    return "".join(out)
+
+
+def add_image_placeholders(question: str, num_images: int) -> str:
+    """Prefix the placeholders a question without `<image>` needs, as the official `chat` does.
+
+    One image: `<image>\\n` + question (`InternVLChatModel.chat`). Several images: numbered as in the
+    official InternVL2 model-card multi-image example, `Image-1: <image>\\nImage-2: <image>\\n` + question.
+    """
+    if num_images == 0 or IMAGE_PLACEHOLDER in question:
+        return question
+    if num_images == 1:
+        return f"{IMAGE_PLACEHOLDER}\n{question}"
+    return "".join(f"Image-{k}: {IMAGE_PLACEHOLDER}\n" for k in range(1, num_images + 1)) + question
+
+
+def build_query(
+    question: str,
+    num_tiles_per_image: Sequence[int] = (),
+    history: Iterable[Turn | tuple] = (),
+    system: str | None = None,
+    num_image_token: int = 256,
+) -> str:
+    """The full prompt for one new user turn, images expanded, ending with the generation prompt.
+
+    `num_tiles_per_image` lists the tiles of each image of this turn. `history` holds earlier turns as
+    `Turn`s or `(question, answer)` / `(question, answer, num_tiles)` tuples; each history question keeps
+    its own placeholders, expanded with its own `num_tiles` (already expanded blocks pass through).
+    Unlike the official `chat`, placeholders are added to the new question even when there is history.
+    """
+    messages = []
+    for turn in history:
+        turn = turn if isinstance(turn, Turn) else Turn(*turn)
+        messages.append({"role": "user", "content": expand_images(turn.question, turn.num_tiles, num_image_token)})
+        messages.append({"role": "assistant", "content": turn.answer})
+    question = add_image_placeholders(question, len(num_tiles_per_image))
+    messages.append({"role": "user", "content": expand_images(question, num_tiles_per_image, num_image_token)})
+    return render(messages, system=system)
+
+
+def extract_answer(generated: str) -> str:
+    """The answer in decoded model output: the text before the first `<|im_end|>`, stripped (official)."""
+    return generated.split(IM_END)[0].strip()
