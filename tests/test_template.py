@@ -37,7 +37,7 @@ def test_one_image_small_and_real_token_count():
 
 def test_several_images_are_numbered():
     got = build_query("Compare them.", [1, 2], num_image_token=2)
-    user = f"Image-1: {block(2)}\nImage-2: {block(4)}\nCompare them."
+    user = f"<image 1> (图1):{block(2)}<image 2> (图2):{block(4)}\nCompare them."
     assert got == SYS + f"<|im_start|>user\n{user}<|im_end|>" + GEN
 
 

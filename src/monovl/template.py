@@ -82,16 +82,16 @@ def expand_images(prompt: str, num_tiles: Sequence[int], num_image_token: int) -
 
 
 def add_image_placeholders(question: str, num_images: int) -> str:
-    """Prefix the placeholders a question without `<image>` needs, as the official `chat` does.
+    """Prefix the placeholders a question without `<image>` needs, as the official code does.
 
-    One image: `<image>\\n` + question (`InternVLChatModel.chat`). Several images: numbered as in the
-    official InternVL2 model-card multi-image example, `Image-1: <image>\\nImage-2: <image>\\n` + question.
+    One image: `<image>\n` + question (`InternVLChatModel.chat`). Several images: numbered as the official
+    `multi_image_chat` does, `<image 1> (图1):<image><image 2> (图2):<image>` + `\n` + question.
     """
     if num_images == 0 or IMAGE_PLACEHOLDER in question:
         return question
     if num_images == 1:
         return f"{IMAGE_PLACEHOLDER}\n{question}"
-    return "".join(f"Image-{k}: {IMAGE_PLACEHOLDER}\n" for k in range(1, num_images + 1)) + question
+    return "".join(f"<image {k}> (图{k}):{IMAGE_PLACEHOLDER}" for k in range(1, num_images + 1)) + "\n" + question
 
 
 def build_query(
