@@ -1,0 +1,103 @@
+"""The user's entry points: monovl.load / chat / Conversation and the `monovl` CLI, on tiny checkpoints."""
+import io
+import json
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import monovl
+from monovl.cli import main
+from monovl.scratch import write_random_checkpoint
+from monovl.template import build_query
+from spec_checkpoint import write_spec_checkpoint
+from tokenizer_fixture import make_sp_tokenizer_dir
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_random_checkpoint(tmp_path_factory.mktemp("random") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "wide.png"
+    Image.new("RGB", (150, 50), (200, 30, 30)).save(path)
+    return path
+
+
+def test_image_token_id_read_from_sentencepiece_tokenizer_files(tmp_path):
+    make_sp_tokenizer_dir(tmp_path / "tok")
+    ck = write_spec_checkpoint(tmp_path / "ck", tokenizer_dir=tmp_path / "tok")
+    model, tokenizer = monovl.load(tmp_path / "ck")
+    assert model.cfg.image_token_id == tokenizer.img_context_id == ck["image_token_id"]
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_conversation_renders_every_turn_with_its_images(ckpt, image, monkeypatch):
+    model, tokenizer = monovl.load(ckpt)
+    conv = monovl.Conversation(model, tokenizer, max_tiles=4)
+    prompts = []
+    chat_module = sys.modules["monovl.chat"]
+    real = chat_module.stream_generate
+
+    def spy(model_, ids, pixels, **kw):
+        prompts.append((ids[0].tolist(), None if pixels is None else pixels.shape[0]))
+        yield from real(model_, ids, pixels, **kw)
+
+    monkeypatch.setattr(chat_module, "stream_generate", spy)
+    first = conv.ask("What is this?", [image], max_new_tokens=4)
+    pieces = list(conv.stream("And now?", max_new_tokens=4))
+    conv.ask("Compare.", [image, image], max_new_tokens=4)
+    tiles = 4  # 150×50 → a 3×1 grid + thumbnail
+    assert [t.num_tiles for t in conv.history] == [(tiles,), (), (tiles, tiles)]
+    assert conv.history[0].question == "<image>\nWhat is this?" and conv.history[0].answer == first
+    assert "".join(pieces).strip() == conv.history[1].answer
+    n = model.cfg.num_image_token
+    want = build_query("Compare.", [tiles, tiles], conv.history[:2], None, n)
+    assert prompts[2] == (tokenizer.encode(want), 3 * tiles)
+    assert prompts[1][1] == tiles  # a text-only turn still carries the first turn's image
+
+
+def test_chat_function_and_generation_settings(ckpt, image):
+    model, tokenizer = monovl.load(ckpt)
+    a, history = monovl.chat(model, tokenizer, "Describe.", images=[image], max_new_tokens=5)
+    b, _ = monovl.chat(model, tokenizer, "Describe.", images=[image], max_new_tokens=5)
+    assert a == b and len(history) == 1
+    c, _ = monovl.chat(model, tokenizer, "Describe.", images=[image], max_new_tokens=5, temperature=1.0, seed=3)
+    d, _ = monovl.chat(model, tokenizer, "Describe.", images=[image], max_new_tokens=5, temperature=1.0, seed=3)
+    assert c == d
+
+
+def test_cli_one_shot_and_info(ckpt, image, capsys):
+    assert main(["chat", "--model", str(ckpt), "--image", str(image), "--prompt", "Hi", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+    assert main(["info", "--model", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "InternVLChatModel" in out and "active per text token" in out and "<IMG_CONTEXT>" in out
+
+
+def test_cli_interactive_attaches_image_mid_conversation(ckpt, image, monkeypatch, capsys):
+    lines = f"hello\n/image {image}\nwhat is it?\n/reset\nagain\n/exit\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+    assert main(["chat", "--model", str(ckpt), "--max-new-tokens", "2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("assistant> ") == 3 and f"attached: {image}" in captured.err
+
+
+def test_cli_errors_are_clear(ckpt, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert main(["chat", "--model", str(ckpt), "--image", str(bad), "--prompt", "x"]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert main(["chat", "--model", str(tmp_path / "nowhere"), "--prompt", "x"]) == 2
+    assert "not a checkpoint folder" in capsys.readouterr().err
+
+
+def test_default_model_is_created_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MONOVL_HOME", str(tmp_path))
+    assert main(["chat", "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+    assert "RANDOMLY INITIALISED" in capsys.readouterr().err
+    cfg = json.loads((tmp_path / "random-debug" / "config.json").read_text())
+    assert cfg["architectures"] == ["InternVLChatModel"]
