@@ -95,10 +95,13 @@ def cmd_info(args) -> int:
     total = sum(p.numel() for p in model.parameters())
     inactive = sum(p.numel() for n, p in model.named_parameters()
                    if "_ve." in n or n.startswith(("vision_model.", "mlp1.")))
-    print(f"architecture      {cfg.architecture} ({'Mono-InternVL-1.5, attention + FFN experts' if c.visual_attention_experts else 'FFN visual experts' if c.visual_ffn_experts else 'text LLM'})")
-    print(f"decoder           {c.num_layers} layers, hidden {c.hidden_size}, {c.num_heads} heads / {c.num_kv_heads} kv heads "
-          f"(head_dim {c.head_dim}), FFN {c.intermediate_size}, vocab {c.vocab_size}")
-    print(f"rope              theta {c.rope_theta:g}, scaling {c.rope_scaling}, max positions {c.max_position_embeddings}")
+    kind = ("Mono-InternVL-1.5: attention + FFN visual experts" if c.visual_attention_experts
+            else "FFN visual experts" if c.visual_ffn_experts else "text LLM")
+    print(f"architecture      {cfg.architecture} ({kind})")
+    print(f"decoder           {c.num_layers} layers, hidden {c.hidden_size}, {c.num_heads} heads / {c.num_kv_heads} "
+          f"kv heads (head_dim {c.head_dim}), FFN {c.intermediate_size}, vocab {c.vocab_size}")
+    print(f"rope              theta {c.rope_theta:g}, scaling {c.rope_scaling}, "
+          f"max positions {c.max_position_embeddings}")
     if cfg.vision is not None:
         v = cfg.vision
         print(f"vision            {v.image_size}px tiles, patch {v.patch_size}, width {v.hidden_size}, pixel shuffle "
@@ -133,12 +136,13 @@ def cmd_bench(args) -> int:
           f"{torch.get_num_threads()} threads")
     peak = bench.gemm_peak_gflops(dtype=dtype, device=device)
     bw = bench.copy_bandwidth_gbs(device=device)
-    print(f"machine: GEMM peak {peak:.1f} GFLOP/s ({dtype}), copy bandwidth {bw:.1f} GB/s")
+    print(f"machine: GEMM peak {peak:.1f} GFLOP/s (2048³ {dtype} matmul), copy bandwidth {bw:.1f} GB/s "
+          "(read + write)")
     r = bench.run_bench(model, tiles=args.tiles, text_tokens=args.text_tokens, decode_tokens=args.decode_tokens,
                         repeat=args.repeat, dense=not args.no_dense)
     print(f"prompt: {r['tokens']} tokens ({r['visual_tokens']} visual, {args.tiles} tile(s))")
-    print(f"TTFT {r['ttft_s'] * 1e3:.1f} ms | prefill {r['prefill_tok_s']:.1f} tok/s, {r['prefill_gflops']:.1f} GFLOP/s "
-          f"= {r['prefill_gflops'] / peak:.0%} of GEMM peak")
+    print(f"TTFT {r['ttft_s'] * 1e3:.1f} ms | prefill {r['prefill_tok_s']:.1f} tok/s, "
+          f"{r['prefill_gflops']:.1f} GFLOP/s = {r['prefill_gflops'] / peak:.0%} of GEMM peak")
     print(f"decode {r['decode_tok_s']:.2f} tok/s, {r['decode_gbs']:.1f} GB/s = {r['decode_gbs'] / bw:.0%} of the "
           f"bandwidth roofline")
     if not args.no_dense:
@@ -179,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tiles", type=int, default=1)
     b.add_argument("--text-tokens", type=int, default=32)
     b.add_argument("--decode-tokens", type=int, default=16)
-    b.add_argument("--repeat", type=int, default=2)
+    b.add_argument("--repeat", type=int, default=3, help="interleaved rounds; the best of each route counts")
     b.add_argument("--dtype", choices=sorted(DTYPES))
     b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     b.add_argument("--no-dense", action="store_true", help="skip the dense-blend comparison")

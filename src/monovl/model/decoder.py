@@ -152,7 +152,8 @@ class DecoderLayer(nn.Module):
         self.feed_forward_ve = FeedForward(cfg) if cfg.visual_ffn_experts else None
 
     def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
-        ve_wqkv, ve_wo = (self.attention_ve.wqkv, self.attention_ve.wo) if self.attention_ve is not None else (None, None)
+        ve = self.attention_ve
+        ve_wqkv, ve_wo = (ve.wqkv, ve.wo) if ve is not None else (None, None)
         qkv = step.routing(self.attention_norm(x), self.attention.wqkv, ve_wqkv)  # (B, T, (H+2Hkv)*Dh)
         o = self._attend(qkv, step, layer)  # (B, T, H*Dh)
         x = x + step.routing(o, self.attention.wo, ve_wo)

@@ -43,7 +43,7 @@ class MonoInternVL(nn.Module):
                 raise ValueError(f"the prompt has {n_slots} <IMG_CONTEXT> tokens but the images give "
                                  f"{feats.shape[0]} tiles × {feats.shape[1]} = {feats.shape[0] * feats.shape[1]}")
             x = x.masked_scatter(visual_mask[..., None], feats.to(x.dtype))
-        elif bool(visual_mask.any()) and input_ids.shape[1] > 1:
+        elif input_ids.shape[1] > 1 and bool(visual_mask.any()):
             raise ValueError("the prompt has <IMG_CONTEXT> tokens but no pixel_values were given")
         return x, visual_mask
 
