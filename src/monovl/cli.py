@@ -194,12 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    from monovl.checkpoint import CheckpointError
-    from monovl.images import ImageError
-
     try:
         return args.func(args)
-    except (CheckpointError, ImageError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError, ImageError and bad arguments
         print(f"error: {e}", file=sys.stderr)
         return 2
 
