@@ -44,7 +44,6 @@ def _answer(conv, question: str, images: list[str], gen: dict) -> None:
 def cmd_chat(args) -> int:
     from monovl import load
     from monovl.chat import Conversation
-    from monovl.images import ImageError
 
     model, tokenizer = load(args.model or default_model_dir(), dtype=_dtype(args.dtype), device=args.device)
     conv = Conversation(model, tokenizer, system=args.system, max_tiles=args.max_tiles)
@@ -64,7 +63,8 @@ def cmd_chat(args) -> int:
         if line in ("/exit", "/quit"):
             return 0
         if line == "/reset":
-            conv.history.clear(), conv.pixels.clear(), pending.clear()
+            conv = Conversation(model, tokenizer, system=args.system, max_tiles=args.max_tiles)
+            pending = []
             continue
         if line.startswith("/image"):
             pending += shlex.split(line[len("/image"):])
@@ -75,7 +75,7 @@ def cmd_chat(args) -> int:
         print("assistant> ", end="", flush=True)
         try:
             _answer(conv, line, pending, gen)
-        except (ImageError, ValueError) as e:
+        except ValueError as e:  # a bad image or prompt: say so and keep the session
             print(f"\nerror: {e}", file=sys.stderr)
         pending = []
 
