@@ -1,4 +1,4 @@
-"""The `monovl` command line: chat, info, bench."""
+"""The `monovl` command line: chat, info, bench, serve, loadtest."""
 from __future__ import annotations
 
 import argparse
@@ -151,6 +151,38 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from monovl import load
+    from monovl.serve.api import ServeConfig, create_app
+    from monovl.serve.engine import Engine
+
+    model, tokenizer = load(args.model, dtype=_dtype(args.dtype), device=args.device)
+    max_len = args.max_len or min(model.cfg.llm.max_position_embeddings, 4096)
+    engine = Engine(model, max_batch=args.max_batch, max_len=max_len, max_queue=args.max_queue,
+                    prefill_chunk=args.prefill_chunk).start()
+    cfg = ServeConfig(model_name=args.served_model_name or Path(args.model).resolve().name, api_key=args.api_key,
+                      max_tiles=args.max_tiles, max_images=args.max_images, request_timeout=args.timeout,
+                      allowed_media_dir=Path(args.allowed_media_dir) if args.allowed_media_dir else None)
+    print(f"serving {cfg.model_name!r} on http://{args.host}:{args.port}/v1 ({args.max_batch} slots x {max_len} "
+          "tokens)", file=sys.stderr)
+    try:
+        uvicorn.run(create_app(engine, tokenizer, cfg), host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def cmd_loadtest(args) -> int:
+    from monovl.loadtest import format_report, run_loadtest
+
+    report = run_loadtest(args.url, clients=args.clients, requests=args.requests, max_tokens=args.max_tokens,
+                          model=args.model, api_key=args.api_key, time_limit=args.time_limit)
+    print(format_report(report))
+    return 0 if report["failed"] == 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="monovl", description="Monolithic multimodal LLMs (Mono-InternVL family)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -188,6 +220,34 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     b.add_argument("--no-dense", action="store_true", help="skip the dense-blend comparison")
     b.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
+    s.add_argument("--model", required=True, help="checkpoint folder")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
+    s.add_argument("--served-model-name", help="the model id clients send (default: the folder's name)")
+    s.add_argument("--max-batch", type=int, default=8, help="KV-cache slots = requests decoded together")
+    s.add_argument("--max-len", type=int, help="context per slot (default: min(max positions, 4096))")
+    s.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
+    s.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per engine step")
+    s.add_argument("--max-tiles", type=int, help="tile budget per image (default: the checkpoint's)")
+    s.add_argument("--max-images", type=int, default=8, help="images per request")
+    s.add_argument("--allowed-media-dir", help="allow local image paths below this folder")
+    s.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds")
+    s.add_argument("--dtype", choices=sorted(DTYPES))
+    s.add_argument("--device")
+    s.set_defaults(func=cmd_serve)
+
+    lt = sub.add_parser("loadtest", help="N concurrent streaming clients against a local server")
+    lt.add_argument("--url", default="http://127.0.0.1:8000/v1")
+    lt.add_argument("--clients", type=int, default=8)
+    lt.add_argument("--requests", type=int, default=32, help="requests in all (at most 10000)")
+    lt.add_argument("--max-tokens", type=int, default=64)
+    lt.add_argument("--model", help="model id (default: the server's first)")
+    lt.add_argument("--api-key")
+    lt.add_argument("--time-limit", type=float, default=300.0, help="stop after this many seconds")
+    lt.set_defaults(func=cmd_loadtest)
     return p
 
 

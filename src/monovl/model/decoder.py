@@ -120,12 +120,19 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
-        """Write k, v (B, n_kv, T, Dh) at positions (B, T); return the first kv_len cached rows."""
-        idx = input_pos[:, None, :, None].expand_as(k)  # (B, n_kv, T, Dh)
-        self.k[layer].scatter_(2, idx, k)
-        self.v[layer].scatter_(2, idx, v)
-        return self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int,
+               rows: torch.Tensor | None = None):
+        """Write k, v (B, n_kv, T, Dh) at positions (B, T) of cache rows `rows` (B,) (default: rows 0..B-1);
+        return those rows' first kv_len cached positions."""
+        if rows is None:
+            idx = input_pos[:, None, :, None].expand_as(k)  # (B, n_kv, T, Dh)
+            self.k[layer].scatter_(2, idx, k)
+            self.v[layer].scatter_(2, idx, v)
+            return self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]
+        self.k[layer][rows[:, None], :, input_pos] = k.transpose(1, 2)  # in place; indexed view (B, T, n_kv, Dh)
+        self.v[layer][rows[:, None], :, input_pos] = v.transpose(1, 2)
+        return (self.k[layer, :, :, :kv_len].index_select(0, rows),  # (B, n_kv, kv_len, Dh)
+                self.v[layer, :, :, :kv_len].index_select(0, rows))
 
 
 @dataclass
@@ -138,6 +145,7 @@ class Step:
     kv_len: int
     mask: torch.Tensor | None  # (B, 1, T, kv_len) bool; None = plain causal
     cache: KVCache | None
+    cache_rows: torch.Tensor | None = None  # (B,) cache rows of the batch rows; None = 0..B-1
 
 
 class DecoderLayer(nn.Module):
@@ -169,7 +177,7 @@ class DecoderLayer(nn.Module):
         v = qkv[:, :, :, -1].transpose(1, 2)  # (B, Hkv, T, Dh)
         q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
         if step.cache is not None:
-            k, v = step.cache.update(layer, step.input_pos, k, v, step.kv_len)  # (B, Hkv, S, Dh)
+            k, v = step.cache.update(layer, step.input_pos, k, v, step.kv_len, step.cache_rows)  # (B, Hkv, S, Dh)
         if n_rep > 1:
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # (B, H, S, Dh)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.mask is None,
@@ -195,8 +203,10 @@ class InternLM2ForCausalLM(nn.Module):
         self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(self, x: torch.Tensor, visual_mask: torch.Tensor | None = None, *, input_pos=None,
-                cache: KVCache | None = None, logits_at: torch.Tensor | None = None, dense: bool = False):
-        """x: embeddings (B, T, D). input_pos (B, T): positions to write into `cache` (default 0..T-1).
+                cache: KVCache | None = None, logits_at: torch.Tensor | None = None, dense: bool = False,
+                cache_rows: torch.Tensor | None = None):
+        """x: embeddings (B, T, D). input_pos (B, T): positions to write into `cache` (default 0..T-1);
+        cache_rows (B,): the cache row (slot) of each batch row, for serving a subset of the cache's rows.
         logits_at (B,): one position per row to compute logits for; None = every position. → (B, T', V)."""
         b, t, _ = x.shape
         if visual_mask is None:
@@ -211,7 +221,7 @@ class InternLM2ForCausalLM(nn.Module):
             keys = torch.arange(kv_len, device=x.device)
             mask = keys[None, None, None, :] <= input_pos[:, None, :, None]  # (B, 1, T, S)
         cos, sin = rope_cos_sin(self.cfg, input_pos, kv_len, x.dtype)
-        step = Step(Routing.build(visual_mask, dense), cos, sin, input_pos, kv_len, mask, cache)
+        step = Step(Routing.build(visual_mask, dense), cos, sin, input_pos, kv_len, mask, cache, cache_rows)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, step, i)
         if logits_at is not None:

@@ -49,11 +49,12 @@ class MonoInternVL(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
                 input_pos: torch.Tensor | None = None, cache: KVCache | None = None,
-                logits_at: torch.Tensor | None = None, dense: bool = False) -> torch.Tensor:
+                logits_at: torch.Tensor | None = None, dense: bool = False,
+                cache_rows: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) → logits (B, T, V) (or (B, 1, V) with `logits_at`). See InternLM2ForCausalLM."""
         x, visual_mask = self.embed(input_ids, pixel_values)
         return self.language_model(x, visual_mask, input_pos=input_pos, cache=cache, logits_at=logits_at,
-                                   dense=dense)
+                                   dense=dense, cache_rows=cache_rows)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.language_model.output.weight
