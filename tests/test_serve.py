@@ -254,3 +254,18 @@ def test_loadtest_against_live_server(server):
     assert report["tokens_per_s"] > 0 and report["ttft_p50"] > 0
     with pytest.raises(ValueError, match="local"):
         run_loadtest("http://example.com/v1", clients=1, requests=1)
+
+
+def test_cli_serve_and_loadtest(server, loaded, tmp_path, monkeypatch, capsys):
+    from monovl.cli import main
+
+    ran = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: ran.update(app=app, host=host, port=port))
+    ckpt = write_random_checkpoint(tmp_path / "ck")
+    assert main(["serve", "--model", str(ckpt), "--port", "9", "--max-batch", "2", "--max-len", "128"]) == 0
+    assert ran["host"] == "127.0.0.1" and ran["port"] == 9 and ran["app"].state.config.model_name == "ck"
+    assert ran["app"].state.engine.cache.k.shape[1:4:2] == (2, 128)
+    assert main(["loadtest", "--url", server.url + "/v1", "--clients", "2", "--requests", "2",
+                 "--max-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "TTFT p50" in out and "aggregate" in out and "(0 failed)" in out

@@ -158,6 +158,8 @@ def cmd_serve(args) -> int:
     from monovl.serve.api import ServeConfig, create_app
     from monovl.serve.engine import Engine
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tokenizer = load(args.model, dtype=_dtype(args.dtype), device=args.device)
     max_len = args.max_len or min(model.cfg.llm.max_position_embeddings, 4096)
     engine = Engine(model, max_batch=args.max_batch, max_len=max_len, max_queue=args.max_queue,
@@ -235,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-images", type=int, default=8, help="images per request")
     s.add_argument("--allowed-media-dir", help="allow local image paths below this folder")
     s.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds")
+    s.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest for tiny models)")
     s.add_argument("--dtype", choices=sorted(DTYPES))
     s.add_argument("--device")
     s.set_defaults(func=cmd_serve)

@@ -8,8 +8,10 @@ import binascii
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -223,6 +225,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAP
     metrics = Metrics(engine)
     app.state.engine, app.state.metrics, app.state.config = engine, metrics, cfg
     model = engine.model
+    dispatcher = _Dispatcher()
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -283,9 +286,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAP
         params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                 seed=body.seed, stop_token_ids=tuple(tokenizer.stop_token_ids),
                                 ignore_eos=body.ignore_eos)
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        req = Request(ids, pixels, params, lambda k, v: loop.call_soon_threadsafe(events.put_nowait, (k, v)),
-                      deadline=time.monotonic() + cfg.request_timeout)
+        events, dispatcher.loop = asyncio.Queue(), asyncio.get_running_loop()  # the server's one loop
+        req = Request(ids, pixels, params, dispatcher.sink(events), deadline=time.monotonic() + cfg.request_timeout)
         try:
             engine.submit(req)
         except QueueFull as e:
@@ -309,6 +311,32 @@ def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAP
                 "usage": run.usage()}
 
     return app
+
+
+class _Dispatcher:
+    """Moves engine events (engine thread) to the requests' asyncio queues with at most one event-loop wake-up
+    per batch of events, instead of one per token: a decode step of B requests wakes the loop once."""
+
+    def __init__(self):
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._events: deque = deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def sink(self, queue: asyncio.Queue):
+        def on_event(kind, value):
+            with self._lock:
+                self._events.append((queue, (kind, value)))
+                wake, self._scheduled = not self._scheduled, True
+            if wake:
+                self.loop.call_soon_threadsafe(self._drain)
+        return on_event
+
+    def _drain(self) -> None:
+        with self._lock:
+            events, self._events, self._scheduled = self._events, deque(), False
+        for queue, event in events:
+            queue.put_nowait(event)
 
 
 class _Run:

@@ -197,17 +197,19 @@ class Engine:
         pos = torch.tensor([[r.prompt_len + r.generated - 1] for r in batch], device=self.device)  # (B, 1)
         rows = torch.tensor([r.slot for r in batch], device=self.device)  # (B,)
         logits = self.model(tok, input_pos=pos, cache=self.cache, cache_rows=rows)[:, 0]  # (B, V)
+        greedy = logits.argmax(-1).tolist()  # one host sync for every greedy row
         for i, r in enumerate(batch):
-            self._accept(r, logits[i : i + 1])
+            self._accept(r, logits[i : i + 1], greedy[i] if r.params.temperature <= 0 else None)
         self._recent.append((time.monotonic(), len(batch)))
         while len(self._recent) > 10_000:
             self._recent.popleft()
 
-    def _accept(self, r: Request, logits: torch.Tensor) -> None:
-        """Sample r's next token from logits (1, V), emit it, and stop r when it is done."""
+    def _accept(self, r: Request, logits: torch.Tensor, tok: int | None = None) -> None:
+        """Sample r's next token from logits (1, V) (unless given), emit it, and stop r when it is done."""
         p = r.params
-        tok = int(sample_next(logits, None, temperature=p.temperature, top_p=p.top_p, top_k=0,
-                              repetition_penalty=1.0, generator=r.generator)[0])
+        if tok is None:
+            tok = int(sample_next(logits, None, temperature=p.temperature, top_p=p.top_p, top_k=0,
+                                  repetition_penalty=1.0, generator=r.generator)[0])
         r.generated += 1
         self.tokens_generated += 1
         if tok in p.stop_token_ids and not p.ignore_eos:
