@@ -218,7 +218,7 @@ def test_metrics(server):
 
 
 def test_auth_backpressure_and_timeout(loaded):
-    s = Server(*loaded, dict(max_batch=1, max_len=2048, max_queue=1), api_key="sekret", request_timeout=1.0)
+    s = Server(*loaded, dict(max_batch=1, max_len=2048, max_queue=1), api_key="sekret", request_timeout=0.5)
     try:
         auth = {"Authorization": "Bearer sekret"}
         assert _post(s, _user("hi")).status_code == 401
