@@ -209,6 +209,19 @@ def test_client_disconnect_mid_stream_frees_the_slot(server):
     assert _post(server, _user("next")).status_code == 200
 
 
+def test_client_disconnect_while_waiting_for_a_full_answer_frees_the_slot(server):
+    body = _user("Tell me a long story.", max_tokens=900, ignore_eos=True)
+    before = server.engine.tokens_generated
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=0.3)
+    deadline = time.monotonic() + 10
+    while server.engine.active and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.engine.active == 0
+    assert server.engine.tokens_generated - before < 800  # stopped early, not run to the end
+    assert _post(server, _user("next")).status_code == 200
+
+
 def test_metrics(server):
     text = httpx.get(server.url + "/metrics").text
     for name in ("monovl_requests_total", "monovl_request_errors_total", "monovl_queue_depth",

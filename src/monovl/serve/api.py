@@ -299,9 +299,11 @@ def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAP
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_sse(run, rid, created, cfg.model_name, include_usage),
                                      media_type="text/event-stream")
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, run))
         try:
             text = "".join([piece async for piece in run.pieces()])
         finally:
+            watcher.cancel()
             engine.cancel(req)
         if run.error is not None:
             raise APIError(504 if "timed out" in run.error else 500, run.error, "generation_failed")
@@ -390,6 +392,13 @@ class _Run:
         n = len(self.req.input_ids)
         return {"prompt_tokens": n, "completion_tokens": self.completion_tokens,
                 "total_tokens": n + self.completion_tokens}
+
+
+async def _cancel_on_disconnect(request: HTTPRequest, run: _Run, every: float = 0.1) -> None:
+    """A non-streaming request whose client went away stops generating and frees its KV-cache slot."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every)
+    run.engine.cancel(run.req)
 
 
 async def _sse(run: _Run, rid: str, created: int, model: str, include_usage: bool):
