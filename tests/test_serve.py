@@ -66,7 +66,7 @@ def media(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(loaded, media):
     s = Server(*loaded, dict(max_batch=4, max_len=1024), max_pixels=1_000_000, max_images=3, max_tiles=2, max_total_tiles=8,
-               allowed_media_dir=media)
+               max_body_bytes=4 * 2**20, allowed_media_dir=media)
     yield s
     s.stop()
 
@@ -219,6 +219,14 @@ def test_client_disconnect_while_waiting_for_a_full_answer_frees_the_slot(server
         time.sleep(0.02)
     assert server.engine.active == 0
     assert server.engine.tokens_generated - before < 800  # stopped early, not run to the end
+    assert _post(server, _user("next")).status_code == 200
+
+
+def test_oversized_body_is_refused_before_it_is_read(server):
+    limit = server.config.max_body_bytes
+    r = httpx.post(server.url + "/v1/chat/completions", content=b"x" * (limit + 1), timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]["message"]
     assert _post(server, _user("next")).status_code == 200
 
 

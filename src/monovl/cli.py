@@ -166,6 +166,7 @@ def cmd_serve(args) -> int:
                     prefill_chunk=args.prefill_chunk).start()
     cfg = ServeConfig(model_name=args.served_model_name or Path(args.model).resolve().name, api_key=args.api_key,
                       max_tiles=args.max_tiles, max_images=args.max_images, request_timeout=args.timeout,
+                      max_body_bytes=int(args.max_body_mb * 2**20),
                       allowed_media_dir=Path(args.allowed_media_dir) if args.allowed_media_dir else None)
     print(f"serving {cfg.model_name!r} on http://{args.host}:{args.port}/v1 ({args.max_batch} slots x {max_len} "
           "tokens)", file=sys.stderr)
@@ -237,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-images", type=int, default=8, help="images per request")
     s.add_argument("--allowed-media-dir", help="allow local image paths below this folder")
     s.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds")
+    s.add_argument("--max-body-mb", type=float, default=64.0, help="larger request bodies are refused (413)")
     s.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest for tiny models)")
     s.add_argument("--dtype", choices=sorted(DTYPES))
     s.add_argument("--device")

@@ -85,6 +85,7 @@ class ServeConfig:
     max_pixels: int = 32_000_000  # per decoded image (decompression bombs)
     allowed_media_dir: Path | None = None  # local image paths are read only below this folder
     request_timeout: float = 300.0
+    max_body_bytes: int = 64 * 2**20  # a larger request body is refused (413) before it is read
 
 
 class APIError(Exception):
@@ -227,6 +228,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAP
     model = engine.model
     dispatcher = _Dispatcher()
 
+    app.add_middleware(_BodyLimit, limit=cfg.max_body_bytes, errors=metrics.errors)
+
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
         metrics.errors.labels(str(e.status)).inc()
@@ -313,6 +316,23 @@ def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAP
                 "usage": run.usage()}
 
     return app
+
+
+class _BodyLimit:
+    """Refuses (413) a request whose declared body is larger than `limit`, before reading it. A plain ASGI
+    middleware: Starlette's BaseHTTPMiddleware would hide client disconnects from the endpoints."""
+
+    def __init__(self, app, limit: int, errors):
+        self.app, self.limit, self.errors = app, limit, errors
+
+    async def __call__(self, scope, receive, send):
+        size = dict(scope.get("headers", ())).get(b"content-length", b"0").decode("latin-1")
+        if scope["type"] == "http" and (not size.isdigit() or int(size) > self.limit):
+            self.errors.labels("413").inc()
+            response = _error(413, f"request body of {size} bytes exceeds the limit of {self.limit} bytes",
+                              "request_too_large")
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class _Dispatcher:
