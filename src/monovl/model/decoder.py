@@ -205,15 +205,21 @@ class InternLM2ForCausalLM(nn.Module):
     def forward(self, x: torch.Tensor, visual_mask: torch.Tensor | None = None, *, input_pos=None,
                 cache: KVCache | None = None, logits_at: torch.Tensor | None = None, dense: bool = False,
                 cache_rows: torch.Tensor | None = None):
-        """x: embeddings (B, T, D). input_pos (B, T): positions to write into `cache` (default 0..T-1);
+        """x: embeddings (B, T, D). input_pos (B, T): positions (default 0..T-1); with a `cache`, where to write;
+        without one, several samples packed in a row, each starting at position 0 (attention stays within each);
         cache_rows (B,): the cache row (slot) of each batch row, for serving a subset of the cache's rows.
         logits_at (B,): one position per row to compute logits for; None = every position. → (B, T', V)."""
         b, t, _ = x.shape
         if visual_mask is None:
             visual_mask = torch.zeros(b, t, dtype=torch.bool, device=x.device)
+        packed = input_pos is not None  # without a cache, explicit positions mean packed samples
         if input_pos is None:
             input_pos = torch.arange(t, device=x.device).expand(b, t)  # (B, T)
         mask, kv_len = None, t
+        if cache is None and packed:
+            seg = (input_pos == 0).cumsum(-1)  # (B, T): a new sample starts wherever its position is 0
+            same = seg[:, :, None] == seg[:, None, :]  # (B, T, T)
+            mask = (same & torch.ones(t, t, dtype=torch.bool, device=x.device).tril())[:, None]  # (B, 1, T, T)
         if cache is not None:
             kv_len = int(input_pos.max()) + 1  # one host sync per forward
             if kv_len > cache.max_len:
