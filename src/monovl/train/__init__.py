@@ -1,0 +1,1 @@
+"""Training: monolithize an LLM, freeze per stage, LoRA, data, loops and recipes."""

@@ -1,0 +1,95 @@
+"""Delta tuning: which parameters train in each stage, declared as data and applied in one function.
+
+Patterns are `fnmatch` patterns over `named_parameters()` names (the checkpoint's names). EViP / EViP++:
+S1.1 and S1.2 train the patch embedding, `mlp1` and the visual experts with the whole LLM frozen, so a
+text-only prompt keeps bit-identical logits; S1.3 also trains the LLM's attention; S2 trains everything.
+`full` (everything, from the start) is the ablation that breaks the invariant.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Sequence
+
+from torch import nn
+
+from monovl.model.decoder import RMSNorm
+
+log = logging.getLogger(__name__)
+
+_VISUAL = ["vision_model.*", "mlp1.*", "*.feed_forward_ve.*", "*.attention_ve.*"]
+STAGES: dict[str, list[str]] = {
+    "s1.1": _VISUAL,  # concept learning
+    "s1.2": _VISUAL,  # semantic learning
+    "s1.3": _VISUAL + ["*.attention.*"],  # alignment learning: + the LLM's (text) attention
+    "s2": ["*"],  # instruction tuning
+    "full": ["*"],  # ablation: full tuning from S1.1 on
+}
+# Patterns that may match nothing: attention experts exist only in v1.5 (EViP++) models.
+OPTIONAL_PATTERNS = frozenset({"*.attention_ve.*"})
+
+
+def _patterns(stage_or_patterns: str | Sequence[str]) -> list[str]:
+    if isinstance(stage_or_patterns, str):
+        if stage_or_patterns not in STAGES:
+            raise ValueError(f"unknown stage {stage_or_patterns!r}; choose one of {sorted(STAGES)} "
+                             "or pass a list of parameter-name patterns")
+        return list(STAGES[stage_or_patterns])
+    patterns = list(stage_or_patterns)
+    if not patterns or not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"expected a stage name or a non-empty list of pattern strings, got {stage_or_patterns!r}")
+    return patterns
+
+
+def freeze(model: nn.Module, stage_or_patterns: str | Sequence[str]) -> nn.Module:
+    """Train exactly the parameters whose names match one of the stage's patterns; freeze the rest."""
+    patterns = _patterns(stage_or_patterns)
+    names = [n for n, _ in model.named_parameters()]
+    unmatched = [p for p in patterns
+                 if p not in OPTIONAL_PATTERNS and not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        raise ValueError(f"freeze pattern(s) {unmatched} match no parameter of this model "
+                         f"(names look like {names[:3]} …)")
+    counts = {True: 0, False: 0}
+    tensors = {True: 0, False: 0}
+    for name, p in model.named_parameters():
+        train = any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+        p.requires_grad_(train)
+        counts[train] += p.numel()
+        tensors[train] += 1
+    log.info("freeze(%s): trainable %d parameters in %d tensors, frozen %d in %d tensors",
+             stage_or_patterns if isinstance(stage_or_patterns, str) else "custom",
+             counts[True], tensors[True], counts[False], tensors[False])
+    return model
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names of the parameters that require gradients, in `named_parameters()` order."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _no_decay_names(model: nn.Module) -> set[str]:
+    """Norm scales, biases, embeddings and position/class embeddings: no weight decay."""
+    out = set()
+    for mod_name, module in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        for p_name, _ in module.named_parameters(recurse=False):
+            full = prefix + p_name
+            if (isinstance(module, (nn.LayerNorm, RMSNorm, nn.Embedding)) or p_name == "bias"
+                    or p_name in ("position_embedding", "class_embedding")):
+                out.add(full)
+    return out
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups over the trainable parameters only: decayed weights, then the no-decay rest."""
+    no_decay = _no_decay_names(model)
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (plain if name in no_decay else decay).append(p)
+    if not decay and not plain:
+        raise ValueError("the model has no trainable parameters; call freeze(model, stage) with a stage that "
+                         "trains something")
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]

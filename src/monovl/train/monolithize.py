@@ -1,0 +1,121 @@
+"""Turn a plain InternLM2 LLM into a Mono-InternVL model ready for stage S1.1.
+
+What is added: the patch embedding (`vision_model.*`) and `mlp1`, initialised randomly (seeded); a visual
+FFN expert per layer initialised as an exact copy of the text FFN (and, for EViP++ / v1.5, visual attention
+experts copied from the text attention); the nine InternVL tokens in the tokenizer, with their embedding
+and output rows set to the mean of the existing rows. Because experts are copies and routing sends text
+tokens only through the text weights, a text-only prompt gives exactly the LLM's logits.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+
+import tokenizers
+import torch
+
+from monovl.config import ModelConfig, VisionConfig
+from monovl.model import MonoInternVL
+from monovl.tokenizer import INTERNVL_TOKENS, Tokenizer
+
+log = logging.getLogger(__name__)
+_FLAGS = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+_LLM_ONLY_FIELDS = ("auto_map", "architectures", "model_type", "torch_dtype")  # rewritten for InternLM2VE
+
+
+def _json(files: dict[str, bytes], name: str) -> dict:
+    return json.loads(files[name]) if name in files else {}
+
+
+def add_internvl_tokens(tokenizer: Tokenizer) -> tuple[Tokenizer, list[str]]:
+    """The tokenizer with any missing InternVL token added as a special token → (tokenizer, added tokens)."""
+    missing = [t for t in INTERNVL_TOKENS if tokenizer.token_to_id(t) is None]
+    if not missing:
+        return tokenizer, []
+    files = dict(tokenizer._files)
+    config, added_json = _json(files, "tokenizer_config.json"), _json(files, "added_tokens.json")
+    if "tokenizer.json" in files:
+        hf = tokenizers.Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
+        hf.add_special_tokens([tokenizers.AddedToken(t, normalized=False, special=True) for t in missing])
+        files["tokenizer.json"] = hf.to_str(pretty=True).encode("utf-8")
+        ids = {t: hf.token_to_id(t) for t in missing}
+    else:
+        ids = {t: tokenizer.vocab_size + k for k, t in enumerate(missing)}
+    if "tokenizer.json" not in files or "added_tokens.json" in files:
+        added_json.update(ids)
+        files["added_tokens.json"] = json.dumps(added_json, indent=2, ensure_ascii=False).encode("utf-8")
+    if "tokenizer.json" not in files or "tokenizer_config.json" in files:
+        decoder = config.setdefault("added_tokens_decoder", {})
+        decoder.update({str(i): {"content": t, **_FLAGS} for t, i in ids.items()})
+        files["tokenizer_config.json"] = json.dumps(config, indent=2, ensure_ascii=False).encode("utf-8")
+    log.info("added %d InternVL tokens to the tokenizer: %s", len(ids), ids)
+    return Tokenizer(files), missing
+
+
+def _init_vision_(model: MonoInternVL, generator: torch.Generator, std: float) -> None:
+    """Patch embedding, position/class embeddings and mlp1: N(0, std²) weights, zero biases, LayerNorm 1/0."""
+    for name, p in [*model.vision_model.named_parameters(prefix="vision_model"),
+                    *model.mlp1.named_parameters(prefix="mlp1")]:
+        if name == "mlp1.0.weight":
+            p.fill_(1.0)
+        elif name.endswith("bias"):
+            p.zero_()
+        else:
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).mul_(std))
+
+
+def _source_name(name: str, src_names: set[str]) -> str:
+    """Where a parameter of the new model is copied from: itself, or the text weights for a new expert."""
+    if name in src_names:
+        return name
+    for expert, text in ((".feed_forward_ve.", ".feed_forward."), (".attention_ve.", ".attention.")):
+        if expert in name:
+            return name.replace(expert, text)
+    raise KeyError(name)
+
+
+@torch.no_grad()
+def monolithize(llm_model: MonoInternVL, llm_tokenizer: Tokenizer, *, vision: VisionConfig | None = None,
+                downsample_ratio: float = 0.5, visual_attention_experts: bool = False, out_tokenizer_dir=None,
+                seed: int = 0, std: float = 0.02) -> tuple[MonoInternVL, Tokenizer]:
+    """A Mono-InternVL model and tokenizer from an InternLM2 LLM (as `monovl.load_model` returns it)."""
+    src_cfg = llm_model.cfg
+    if src_cfg.vision is not None:
+        raise ValueError("monolithize expects a text-only LLM (InternLM2ForCausalLM); this model already has a "
+                         "vision part — continue training it from its checkpoint instead")
+    vision = vision or VisionConfig()
+    tokenizer, new_tokens = add_internvl_tokens(llm_tokenizer)
+    ids = [tokenizer.token_to_id(t) for t in INTERNVL_TOKENS]
+    old_vocab = src_cfg.llm.vocab_size
+    vocab = max(old_vocab, max(ids) + 1)
+    inside = [t for t in new_tokens if tokenizer.token_to_id(t) < old_vocab]
+    if inside:
+        log.warning("tokens %s got ids inside the LLM's vocabulary (%d rows): their existing rows are kept",
+                    inside, old_vocab)
+    llm = dataclasses.replace(src_cfg.llm, vocab_size=vocab, visual_ffn_experts=True,
+                              visual_attention_experts=visual_attention_experts)
+    hf_llm = {k: v for k, v in copy.deepcopy(src_cfg.hf).items() if k not in _LLM_ONLY_FIELDS}
+    cfg = ModelConfig(llm=llm, vision=copy.deepcopy(vision), downsample_ratio=downsample_ratio,
+                      image_token_id=tokenizer.img_context_id, hf={"llm_config": hf_llm},
+                      generation=copy.deepcopy(src_cfg.generation))
+    src = dict(llm_model.named_parameters())
+    ref = src["language_model.output.weight"]
+    with torch.device("meta"):
+        model = MonoInternVL(cfg)
+    model = model.to_empty(device=ref.device).to(ref.dtype)
+    _init_vision_(model, torch.Generator().manual_seed(seed), std)
+    for name, p in model.language_model.named_parameters(prefix="language_model"):
+        w = src[_source_name(name, set(src))]
+        if name.endswith(("tok_embeddings.weight", "output.weight")) and vocab > old_vocab:
+            p[:old_vocab].copy_(w)
+            p[old_vocab:].copy_(w.float().mean(0, keepdim=True).to(w.dtype))  # new rows: mean of existing
+        else:
+            p.copy_(w)
+    if out_tokenizer_dir is not None:
+        tokenizer.save(out_tokenizer_dir)
+    n_total = sum(p.numel() for p in model.parameters())
+    log.info("monolithized: %d → %d parameters, vocab %d → %d, attention experts %s", sum(
+        p.numel() for p in src.values()), n_total, old_vocab, vocab, visual_attention_experts)
+    return model.eval(), tokenizer
