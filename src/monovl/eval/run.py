@@ -1,0 +1,241 @@
+"""Run a model over a benchmark: batched generation, per-row scoring, results JSON and a Markdown table."""
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from monovl.eval import scoring
+from monovl.eval.bench import CIRCULAR_STEP, Benchmark, Item, build_prompt, circular_items, load_benchmark
+from monovl.generate import generate
+from monovl.images import ImageError, load_pixel_values
+from monovl.template import build_query, extract_answer
+
+log = logging.getLogger(__name__)
+
+METRICS = {"mc": "accuracy", "yesno": "accuracy", "vqa": "vqa_accuracy", "anls": "anls",
+           "relaxed": "relaxed_accuracy", "ocrbench": "accuracy"}
+DEFAULT_MAX_NEW_TOKENS = {"mc": 32, "yesno": 32, "vqa": 64, "anls": 64, "relaxed": 64, "ocrbench": 128}
+
+
+def score_item(item: Item, kind: str, prediction: str) -> tuple[float | None, str | None]:
+    """(hit in [0, 1], the extracted answer) for one prediction; hit is None without a reference."""
+    if not item.answers:
+        return None, None
+    if kind == "mc":
+        return scoring.score_mc(prediction, item.options, item.answer)
+    if kind == "yesno":
+        return scoring.score_yes_no(prediction, item.answer)
+    rule = {"vqa": scoring.vqa_accuracy, "anls": scoring.anls, "relaxed": scoring.relaxed_accuracy}.get(kind)
+    if rule is not None:
+        return rule(prediction, item.answers), None
+    return scoring.ocrbench_hit(prediction, item.answers, item.category), None
+
+
+def _prepare(model, tokenizer, item: Item, kind: str, max_tiles: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    cfg = model.cfg
+    pixels = []
+    for ref in item.images:
+        if cfg.vision is None:
+            raise ValueError("this model is a text-only LLM: it cannot take images")
+        pixels.append(load_pixel_values(ref.load(), image_size=cfg.vision.image_size, min_num=cfg.min_dynamic_patch,
+                                        max_num=max_tiles, use_thumbnail=cfg.use_thumbnail,
+                                        dynamic=cfg.dynamic_image_size))
+    n_image_token = cfg.num_image_token if cfg.vision is not None else 0
+    query = build_query(build_prompt(item, kind), [len(p) for p in pixels], num_image_token=n_image_token)
+    return torch.tensor(tokenizer.encode(query)), pixels
+
+
+def _decode(tokenizer, row: torch.Tensor) -> str:
+    ids, stops = [], set(tokenizer.stop_token_ids)
+    for t in row.tolist():
+        if t in stops:
+            break
+        ids.append(t)
+    return extract_answer(tokenizer.decode(ids))
+
+
+def _generate(model, tokenizer, prepared: list, max_new_tokens: int) -> list[str]:
+    ids = [p[0] for p in prepared]
+    pixels = [t for p in prepared for t in p[1]]
+    out = generate(model, ids, torch.cat(pixels) if pixels else None, max_new_tokens=max_new_tokens,
+                   stop_token_ids=tokenizer.stop_token_ids)
+    return [_decode(tokenizer, row) for row in out]
+
+
+def predict(model, tokenizer, items: list[Item], kind: str, *, batch_size: int = 8, max_tiles: int = 6,
+            max_new_tokens: int = 64, progress: bool = True) -> list[tuple[str, str | None]]:
+    """(prediction, error) per item, in order. A row whose image or generation fails gets ("", error)."""
+    results: list[tuple[str, str | None]] = [("", None)] * len(items)
+    order = sorted(range(len(items)), key=lambda i: (len(items[i].images), len(items[i].question)))
+    bar = tqdm(total=len(items), disable=not progress, desc="eval", unit="q")
+    for start in range(0, len(order), batch_size):
+        batch, prepared = [], []
+        for i in order[start : start + batch_size]:
+            try:
+                prepared.append(_prepare(model, tokenizer, items[i], kind, max_tiles))
+                batch.append(i)
+            except (ImageError, ValueError, OSError) as e:
+                log.warning("index %d: %s (scored wrong)", items[i].index, e)
+                results[i] = ("", f"bad row: {e}")
+        if batch:
+            try:
+                answers = _generate(model, tokenizer, prepared, max_new_tokens)
+                results_batch = [(a, None) for a in answers]
+            except (RuntimeError, ValueError) as e:  # retry one by one so that one bad row cannot sink the batch
+                log.warning("batch failed (%s); retrying its rows one by one", e)
+                results_batch = [_generate_one(model, tokenizer, p, items[i], max_new_tokens)
+                                 for i, p in zip(batch, prepared)]
+            for i, r in zip(batch, results_batch):
+                results[i] = r
+        bar.update(min(batch_size, len(order) - start))
+    bar.close()
+    return results
+
+
+def _generate_one(model, tokenizer, prepared, item: Item, max_new_tokens: int) -> tuple[str, str | None]:
+    try:
+        return _generate(model, tokenizer, [prepared], max_new_tokens)[0], None
+    except (RuntimeError, ValueError) as e:
+        log.warning("index %d: generation failed: %s (scored wrong)", item.index, e)
+        return "", f"generation failed: {e}"
+
+
+def _aggregate(kind: str, records: list[dict], circular: bool) -> dict:
+    scored = [r for r in records if r["hit"] is not None]
+    if not scored:
+        return {"score": None, "n": 0}
+    hits = [r["hit"] for r in scored]
+    if kind == "mc" and circular:
+        acc, n = scoring.circular_accuracy({r["index"]: r["hit"] for r in scored})
+        first = [r["hit"] for r in scored if r["index"] < CIRCULAR_STEP]
+        return {"score": acc, "n": n, "vanilla": sum(first) / len(first) if first else None}
+    out = {"score": sum(hits) / len(hits), "n": len(hits)}
+    if kind == "yesno":
+        mme = scoring.mme_scores([(r["category"] or "all", r["image_key"] or str(r["index"]), r["hit"])
+                                  for r in scored])
+        out["acc_plus"] = sum(c["acc_plus"] for c in mme["categories"].values()) / len(mme["categories"])
+        out["mme_score"] = mme["score"]
+    if kind == "ocrbench":
+        out["ocrbench_score"] = sum(hits)
+    return out
+
+
+def summarize(bench: Benchmark, records: list[dict], circular: bool, settings: dict | None = None) -> dict:
+    """Overall and per-category numbers (scores are fractions in [0, 1]) plus counts."""
+    by_cat: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        by_cat[r["category"] or "all"].append(r)
+    return {
+        "benchmark": bench.name, "kind": bench.kind, "metric": METRICS[bench.kind], "circular": circular,
+        "overall": _aggregate(bench.kind, records, circular),
+        "categories": {c: _aggregate(bench.kind, rs, circular) for c, rs in sorted(by_cat.items())},
+        "counts": {"rows": len(records), "questions": len({r["index"] % CIRCULAR_STEP for r in records}),
+                   "scored": sum(r["hit"] is not None for r in records),
+                   "bad_rows": sum(r["error"] is not None for r in records),
+                   "no_answer": sum(r["answer"] is None for r in records)},
+        "settings": settings or {},
+    }
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def format_markdown(results: dict) -> str:
+    """A per-category Markdown table of `results` (scores in percent)."""
+    extras = [k for k in ("vanilla", "acc_plus", "mme_score", "ocrbench_score") if k in results["overall"]]
+    head = ["category", "n", f"{results['metric']} (%)"] + extras
+    lines = [f"# {results['benchmark']} ({results['kind']}{', circular' if results['circular'] else ''})", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    rows = [("**overall**", results["overall"])] + list(results["categories"].items())
+    for name, r in rows:
+        cells = [name, str(r["n"]), _pct(r["score"])]
+        for k in extras:
+            v = r.get(k)
+            cells.append(_pct(v) if k in ("vanilla", "acc_plus") else ("-" if v is None else f"{v:.2f}"))
+        lines.append("| " + " | ".join(cells) + " |")
+    c = results["counts"]
+    lines += ["", f"{c['questions']} questions, {c['rows']} rows, {c['scored']} scored, "
+              f"{c['bad_rows']} bad rows, {c['no_answer']} without answer."]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(model, tokenizer, bench_path, *, out_dir=None, kind: str | None = None, batch_size: int = 8,
+             max_tiles: int = 6, max_new_tokens: int | None = None, limit: int | None = None,
+             circular: bool = False, progress: bool = True) -> dict:
+    """Evaluate on one benchmark TSV; returns the results dict, also written to `out_dir` when given as
+    NAME.predictions.jsonl, NAME.results.json and NAME.results.md."""
+    bench = load_benchmark(bench_path, kind)
+    items = bench.items[:limit] if limit is not None else bench.items
+    if circular and bench.kind != "mc":
+        raise ValueError(f"--circular applies to multiple-choice benchmarks; {bench.name} is {bench.kind!r}")
+    if circular:
+        items = circular_items(items)
+    circular = circular or (bench.kind == "mc" and any(i.index >= CIRCULAR_STEP for i in items))
+    max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[bench.kind]
+    outputs = predict(model, tokenizer, items, bench.kind, batch_size=batch_size, max_tiles=max_tiles,
+                      max_new_tokens=max_new_tokens, progress=progress)
+    records = []
+    for item, (prediction, error) in zip(items, outputs):
+        hit, extracted = score_item(item, bench.kind, prediction)
+        if error is not None and hit is not None:
+            hit = 0.0
+        records.append({"index": item.index, "category": item.category, "question": item.question,
+                        "options": item.options or None, "answer": item.answer, "prediction": prediction,
+                        "extracted": extracted, "hit": hit, "error": error, "image_key": item.image_key})
+    settings = {"bench": str(bench_path), "batch_size": batch_size, "max_tiles": max_tiles,
+                "max_new_tokens": max_new_tokens, "limit": limit}
+    results = summarize(bench, records, circular, settings)
+    if out_dir is not None:
+        write_outputs(out_dir, bench.name, records, results)
+    return results
+
+
+def write_outputs(out_dir, name: str, records: list[dict], results: dict) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / f"{name}.predictions.jsonl").open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    (out / f"{name}.results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n",
+                                              encoding="utf-8")
+    (out / f"{name}.results.md").write_text(format_markdown(results), encoding="utf-8")
+
+
+def cmd_eval(args) -> int:
+    from monovl import load
+    from monovl.cli import _dtype
+
+    model, tokenizer = load(args.model, dtype=_dtype(args.dtype), device=args.device)
+    for bench_path in args.bench:
+        results = evaluate(model, tokenizer, bench_path, out_dir=args.out, kind=args.kind,
+                           batch_size=args.batch_size, max_tiles=args.max_tiles, max_new_tokens=args.max_new_tokens,
+                           limit=args.limit, circular=args.circular)
+        print(format_markdown(results))
+        print(f"wrote {Path(args.out) / results['benchmark']}.{{predictions.jsonl,results.json,results.md}}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add `monovl eval` to the CLI's subparsers."""
+    from monovl.cli import DTYPES
+    from monovl.eval.bench import KINDS
+
+    e = subparsers.add_parser("eval", help="evaluate a checkpoint on VLMEvalKit-format benchmark TSVs")
+    e.add_argument("--model", required=True, help="checkpoint folder")
+    e.add_argument("--bench", nargs="+", required=True, metavar="FILE.tsv", help="benchmark TSV file(s)")
+    e.add_argument("--out", default="eval_results", help="folder for predictions and results")
+    e.add_argument("--kind", choices=KINDS, help="scoring rule (default: inferred from the columns)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-tiles", type=int, default=6, help="tile budget per image")
+    e.add_argument("--max-new-tokens", type=int, help="answer budget (default: by kind, 32 to 128)")
+    e.add_argument("--limit", type=int, help="only the first N questions of each benchmark")
+    e.add_argument("--circular", action="store_true", help="CircularEval: every rotation of the options")
+    e.add_argument("--dtype", choices=sorted(DTYPES))
+    e.add_argument("--device")
+    e.set_defaults(func=cmd_eval)

@@ -1,0 +1,307 @@
+"""Evaluation harness: scoring rules on hand-computed cases, TSV reading, prompts, end-to-end runs."""
+import base64
+import csv
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import monovl
+from monovl.cli import main
+from monovl.eval import run, scoring
+from monovl.eval.bench import (MC_SUFFIX, VQA_SUFFIX, YESNO_SUFFIX, Item, build_prompt, circular_items,
+                               load_benchmark, rotate)
+from monovl.scratch import write_random_checkpoint
+
+
+# ---- scoring rules ----
+def test_normalize_vqa():
+    assert scoring.normalize_vqa("Two dogs!") == "2 dogs"
+    assert scoring.normalize_vqa("The cat.") == "cat"
+    assert scoring.normalize_vqa("1.5") == "1.5"
+    assert scoring.normalize_vqa("dont know") == "don't know"
+    assert scoring.normalize_vqa("1,000") == "1000"
+    assert scoring.normalize_vqa("red-blue") == "red blue"
+    assert scoring.normalize_vqa("yes, sir") == "yes sir"
+
+
+@pytest.mark.parametrize("matches, expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
+def test_vqa_accuracy_ten_answers(matches, expected):
+    # k matches: the k left-out matching answers see k-1 others, the 10-k others see k -> mean of min(1, ./3)
+    answers = ["two"] * matches + ["three"] * (10 - matches)
+    assert scoring.vqa_accuracy("2", answers) == pytest.approx(expected)
+
+
+def test_vqa_accuracy_single_answer_exact_after_normalisation():
+    assert scoring.vqa_accuracy("A Dog.", ["dog"]) == 1.0
+    assert scoring.vqa_accuracy("dogs", ["dog"]) == 0.0
+
+
+def test_anls():
+    assert scoring.levenshtein("kitten", "sitting") == 3
+    assert scoring.anls("hallo", ["hello"]) == pytest.approx(0.8)  # 1 - 1/5
+    assert scoring.anls("HELLO  world", ["hello world"]) == 1.0
+    assert scoring.anls("abcd", ["abxy"]) == 0.0  # NL = 2/4 = tau -> 0
+    assert scoring.anls("abcd", ["abcx"]) == pytest.approx(0.75)
+    assert scoring.anls("xyz", ["nothing", "xya"]) == pytest.approx(2 / 3)  # best reference counts
+
+
+def test_relaxed_accuracy():
+    assert scoring.relaxed_accuracy("104", ["100"]) == 1.0
+    assert scoring.relaxed_accuracy("105", ["100"]) == 1.0  # 5 % is inside
+    assert scoring.relaxed_accuracy("106", ["100"]) == 0.0
+    assert scoring.relaxed_accuracy("12%", ["0.12"]) == 1.0
+    assert scoring.relaxed_accuracy("0", ["0"]) == 1.0
+    assert scoring.relaxed_accuracy("Paris", ["paris"]) == 1.0
+    assert scoring.relaxed_accuracy("Rome", ["paris", "rome"]) == 1.0
+    assert scoring.relaxed_accuracy("Lyon", ["paris"]) == 0.0
+
+
+def test_ocrbench_containment():
+    assert scoring.ocrbench_hit("The sign says STOP here", ["stop"]) == 1.0
+    assert scoring.ocrbench_hit("go", ["stop", "Go "]) == 1.0
+    assert scoring.ocrbench_hit("sto p", ["stop"]) == 0.0
+    math = "Handwritten Mathematical Expression Recognition"
+    assert scoring.ocrbench_hit("x ^ { 2 }", ["x^{2}"], math) == 1.0
+    assert scoring.ocrbench_hit("X^{2}", ["x^{2}"], math) == 0.0  # case kept for formulas
+
+
+OPTIONS = {"A": "red", "B": "dark red", "C": "blue", "D": "a green cat"}
+
+
+@pytest.mark.parametrize("prediction, letter", [
+    ("B", "B"), ("(C)", "C"), ("C.", "C"), ("The answer is D.", "D"), ("B. dark red", "B"), ("A", "A"),
+    ("blue", "C"), ("It is dark red", "B"), ("red", "A"), ("A cat sat on it", None), ("B or C", None),
+    ("I do not know", None), ("", None), ("bluest", None),
+])
+def test_extract_choice(prediction, letter):
+    assert scoring.extract_choice(prediction, OPTIONS) == letter
+
+
+def test_score_mc_unextractable_is_wrong():
+    assert scoring.score_mc("maybe", OPTIONS, "A") == (0.0, None)
+    assert scoring.score_mc("blue", OPTIONS, "C") == (1.0, "C")
+
+
+def test_yes_no():
+    assert scoring.extract_yes_no("Yes.") == "yes"
+    assert scoring.extract_yes_no("no, it is not") == "no"
+    assert scoring.extract_yes_no("yes and no") is None
+    assert scoring.extract_yes_no("nothing") is None
+    assert scoring.score_yes_no("Yes", "No") == (0.0, "yes")
+
+
+def test_mme_acc_plus():
+    rows = [("color", "i1", 1.0), ("color", "i1", 1.0), ("color", "i2", 1.0), ("color", "i2", 0.0),
+            ("count", "i3", 0.0), ("count", "i3", 0.0)]
+    out = scoring.mme_scores(rows)
+    assert out["categories"]["color"] == {"acc": 0.75, "acc_plus": 0.5, "score": 125.0}
+    assert out["categories"]["count"]["score"] == 0.0
+    assert out["score"] == 125.0
+
+
+def test_circular_accuracy():
+    hits = {1: 1.0, 1_000_001: 1.0, 2_000_001: 0.0, 2: 1.0, 1_000_002: 1.0}
+    assert scoring.circular_accuracy(hits) == (0.5, 2)
+
+
+# ---- TSV reading and prompts ----
+def _png(color=(200, 30, 30), size=(30, 20)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def write_tsv(path, rows: list[dict]):
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, columns, delimiter="\t")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def test_read_base64_reference_list_and_paths(tmp_path):
+    img = _b64(_png())
+    (tmp_path / "pic.png").write_bytes(_png((0, 0, 255)))
+    rows = [
+        {"index": 0, "image": img, "question": "q0", "A": "x", "B": "y", "C": "", "answer": "B", "category": "c1",
+         "hint": "look"},
+        {"index": 1, "image": "0", "question": "q1", "A": "x", "B": "y", "C": "z", "answer": "A", "category": "c2"},
+        {"index": 2, "image": str([img, _b64(_png((0, 255, 0)))]), "question": "q2", "A": "x", "B": "y",
+         "answer": "A"},
+    ]
+    bench = load_benchmark(write_tsv(tmp_path / "mc.tsv", rows))
+    assert bench.name == "mc" and bench.kind == "mc"
+    a, b, c = bench.items
+    assert a.options == {"A": "x", "B": "y"} and a.hint == "look" and a.answer == "B" and a.category == "c1"
+    assert b.options == {"A": "x", "B": "y", "C": "z"} and b.hint is None
+    assert a.images[0].load() == _png() and b.images[0].load() == _png()  # index-reference resolved
+    assert a.image_key == b.image_key != c.image_key
+    assert len(c.images) == 2 and c.images[1].load() == _png((0, 255, 0))
+
+    paths = [{"index": 5, "image_path": "pic.png", "question": "q", "answer": "yes"},
+             {"index": 6, "image_path": str(["pic.png", "pic.png"]), "question": "q", "answer": "No"}]
+    bench = load_benchmark(write_tsv(tmp_path / "yn.tsv", paths))
+    assert bench.kind == "yesno"
+    assert bench.items[0].images[0].load() == tmp_path / "pic.png" and len(bench.items[1].images) == 2
+
+
+def test_read_text_only_missing_answer_and_reference_lists(tmp_path):
+    rows = [{"index": 3, "question": "What is 1+1?"}, {"index": 4, "question": "Colour?"}]
+    bench = load_benchmark(write_tsv(tmp_path / "test.tsv", rows))
+    assert bench.kind == "vqa" and not bench.has_answers and bench.items[0].images == []
+    rows = [{"index": 1, "question": "q", "answer": str(["two", "2", "two"])}]
+    assert load_benchmark(write_tsv(tmp_path / "v.tsv", rows)).items[0].answers == ["two", "2", "two"]
+    assert load_benchmark(tmp_path / "v.tsv", kind="anls").kind == "anls"
+
+
+def test_read_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_benchmark(tmp_path / "nope.tsv")
+    with pytest.raises(ValueError, match="question"):
+        load_benchmark(write_tsv(tmp_path / "a.tsv", [{"index": 1, "answer": "x"}]))
+    with pytest.raises(ValueError, match="duplicate index 1"):
+        load_benchmark(write_tsv(tmp_path / "b.tsv", [{"index": 1, "question": "q"}, {"index": 1, "question": "r"}]))
+    with pytest.raises(ValueError, match="unknown benchmark kind"):
+        load_benchmark(tmp_path / "b.tsv", kind="essay")
+
+
+def test_prompts_exact():
+    item = Item(index=0, question="What colour?", options={"A": "red", "B": "blue"}, hint="A toy.")
+    assert build_prompt(item, "mc") == ("A toy.\nWhat colour?\nA. red\nB. blue\n"
+                                        "Answer with the option's letter from the given choices directly.")
+    item.hint = None
+    assert build_prompt(item, "mc") == f"What colour?\nA. red\nB. blue\n{MC_SUFFIX}"
+    assert build_prompt(Item(0, "这是什么?", {"A": "猫"}), "mc") == "这是什么?\nA. 猫\n请直接回答选项字母。"
+    assert build_prompt(Item(0, "Is it red?"), "yesno") == "Is it red?\nPlease answer yes or no." == \
+        f"Is it red?\n{YESNO_SUFFIX}"
+    assert build_prompt(Item(0, "Who?"), "vqa") == "Who?\nAnswer the question using a single word or phrase."
+    assert build_prompt(Item(0, "Who?"), "anls") == f"Who?\n{VQA_SUFFIX}"
+
+
+def test_rotation():
+    item = Item(index=7, question="q", options={"A": "w", "B": "x", "C": "y", "D": "z"}, answers=["C"])
+    r1 = rotate(item, 1)
+    assert r1.index == 1_000_007 and r1.options == {"A": "x", "B": "y", "C": "z", "D": "w"} and r1.answer == "B"
+    r3 = rotate(item, 3)
+    assert r3.options == {"A": "z", "B": "w", "C": "x", "D": "y"} and r3.answer == "D"
+    copies = circular_items([item])
+    assert [c.index for c in copies] == [7, 1_000_007, 2_000_007, 3_000_007]
+    assert all(c.options[c.answer] == "y" for c in copies)
+    assert circular_items(copies) == copies  # a file that already holds copies is not rotated again
+
+
+# ---- end to end ----
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tmp_path_factory):
+    path = write_random_checkpoint(tmp_path_factory.mktemp("ck") / "random")
+    return path, *monovl.load(path)
+
+
+def _mc_rows():
+    img = _b64(_png())
+    return [
+        {"index": 0, "image": img, "question": "item-0 colour?", "A": "red", "B": "blue", "answer": "A",
+         "category": "colour"},
+        {"index": 1, "image": "0", "question": "item-1 shape?", "A": "square", "B": "circle", "C": "star",
+         "answer": "C", "category": "shape"},
+        {"index": 2, "image": str([img, _b64(_png((9, 9, 9), (40, 90)))]), "question": "item-2 same?",
+         "A": "yes", "B": "no", "answer": "B", "category": "shape"},
+        {"index": 3, "image": "not base64!" * 9, "question": "item-3 broken?", "A": "p", "B": "q", "answer": "A",
+         "category": "colour"},
+        {"index": 4, "image": "77", "question": "item-4 dangling?", "A": "p", "B": "q", "answer": "A",
+         "category": "colour"},
+    ]
+
+
+def _fake_generate(tokenizer, answer_for):
+    """A stand-in for generation: answers each prompt with answer_for(decoded prompt), then <|im_end|>."""
+    def fake(model, ids, pixel_values=None, **kwargs):
+        outs = [tokenizer.encode(answer_for(tokenizer.decode(r.tolist())), add_bos=False)
+                + [tokenizer.stop_token_ids[-1]] for r in ids]
+        width = max(map(len, outs))
+        return torch.tensor([o + [tokenizer.pad_id] * (width - len(o)) for o in outs])
+    return fake
+
+
+def test_end_to_end_random_model_writes_outputs(model_and_tokenizer, tmp_path):
+    _, model, tokenizer = model_and_tokenizer
+    tsv = write_tsv(tmp_path / "tiny_mc.tsv", _mc_rows())
+    res = run.evaluate(model, tokenizer, tsv, out_dir=tmp_path / "out", batch_size=2, max_tiles=2,
+                       max_new_tokens=3, progress=False)
+    assert res["counts"] == {"rows": 5, "questions": 5, "scored": 5, "bad_rows": 2, "no_answer": 0}
+    assert set(res["categories"]) == {"colour", "shape"} and res["categories"]["shape"]["n"] == 2
+    preds = [json.loads(line) for line in (tmp_path / "out/tiny_mc.predictions.jsonl").read_text().splitlines()]
+    assert [p["index"] for p in preds] == [0, 1, 2, 3, 4]
+    assert "base64" in preds[3]["error"] and "index '77'" in preds[4]["error"]
+    assert preds[3]["hit"] == preds[4]["hit"] == 0.0 and preds[3]["prediction"] == ""
+    assert json.loads((tmp_path / "out/tiny_mc.results.json").read_text()) == res
+    md = (tmp_path / "out/tiny_mc.results.md").read_text()
+    assert "| category | n | accuracy (%) |" in md and "| colour | 3 |" in md
+
+
+def test_fake_model_right_scores_100_wrong_scores_0(model_and_tokenizer, tmp_path, monkeypatch):
+    _, model, tokenizer = model_and_tokenizer
+    rows = _mc_rows()[:3]
+    tsv = write_tsv(tmp_path / "mc.tsv", rows)
+    truth = {f"item-{r['index']}": (r["answer"], r[r["answer"]]) for r in rows}
+
+    def key(prompt):
+        return next(k for k in truth if k in prompt)
+    monkeypatch.setattr(run, "generate", _fake_generate(tokenizer, lambda p: f"{truth[key(p)][0]}"))
+    assert run.evaluate(model, tokenizer, tsv, progress=False)["overall"]["score"] == 1.0
+    monkeypatch.setattr(run, "generate", _fake_generate(tokenizer, lambda p: truth[key(p)][1]))  # option text
+    assert run.evaluate(model, tokenizer, tsv, progress=False)["overall"]["score"] == 1.0
+    monkeypatch.setattr(run, "generate", _fake_generate(tokenizer, lambda p: "I cannot tell"))
+    res = run.evaluate(model, tokenizer, tsv, progress=False)
+    assert res["overall"]["score"] == 0.0 and all(c["score"] == 0.0 for c in res["categories"].values())
+
+
+def test_circular_right_only_for_some_rotations(model_and_tokenizer, tmp_path, monkeypatch):
+    _, model, tokenizer = model_and_tokenizer
+    rows = [{"index": i, "question": f"item-{i} pick", "A": "cat", "B": "dog", "C": "cow", "answer": "B"}
+            for i in range(2)]
+    tsv = write_tsv(tmp_path / "text_mc.tsv", rows)  # text-only
+
+    def answer(prompt):  # item-0: always says the right text; item-1: always says "B" (right only unrotated)
+        return "dog" if "item-0" in prompt else "B"
+    monkeypatch.setattr(run, "generate", _fake_generate(tokenizer, answer))
+    res = run.evaluate(model, tokenizer, tsv, circular=True, out_dir=tmp_path, progress=False)
+    assert res["circular"] and res["counts"]["rows"] == 6 and res["counts"]["questions"] == 2
+    assert res["overall"]["score"] == 0.5 and res["overall"]["vanilla"] == 1.0
+    assert "vanilla" in (tmp_path / "text_mc.results.md").read_text()
+
+
+def test_vqa_yesno_and_test_split(model_and_tokenizer, tmp_path, monkeypatch):
+    _, model, tokenizer = model_and_tokenizer
+    img = _b64(_png())
+    yn = [{"index": 0, "image": img, "question": "item-0 red?", "answer": "Yes", "category": "c"},
+          {"index": 1, "image": "0", "question": "item-1 blue?", "answer": "No", "category": "c"}]
+    monkeypatch.setattr(run, "generate", _fake_generate(tokenizer, lambda p: "Yes"))
+    res = run.evaluate(model, tokenizer, write_tsv(tmp_path / "yn.tsv", yn), progress=False)
+    assert res["kind"] == "yesno" and res["overall"]["score"] == 0.5 and res["overall"]["acc_plus"] == 0.0
+    assert res["overall"]["mme_score"] == 50.0
+    vqa = [{"index": 0, "question": "item-0 how many?", "answer": str(["two"] * 3 + ["three"] * 7)}]
+    monkeypatch.setattr(run, "generate", _fake_generate(tokenizer, lambda p: "2"))
+    assert run.evaluate(model, tokenizer, write_tsv(tmp_path / "v.tsv", vqa), progress=False)["overall"][
+        "score"] == pytest.approx(0.9)
+    res = run.evaluate(model, tokenizer, write_tsv(tmp_path / "t.tsv", [{"index": 9, "question": "q"}]),
+                       out_dir=tmp_path, progress=False)
+    assert res["overall"]["score"] is None and res["counts"]["no_answer"] == 1
+    assert json.loads((tmp_path / "t.predictions.jsonl").read_text())["prediction"] == "2"
+
+
+def test_cli_eval(model_and_tokenizer, tmp_path, capsys):
+    path, _, _ = model_and_tokenizer
+    tsv = write_tsv(tmp_path / "cli.tsv", _mc_rows()[:2])
+    rc = main(["eval", "--model", str(path), "--bench", str(tsv), "--out", str(tmp_path / "o"),
+               "--max-new-tokens", "2", "--max-tiles", "1", "--limit", "1"])
+    assert rc == 0 and "| **overall** | 1 |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "o/cli.results.json").read_text())["counts"]["rows"] == 1
