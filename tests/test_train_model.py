@@ -51,6 +51,15 @@ def test_exact_trainable_set_per_stage(attention_experts):
     assert set(STAGES) == {"s1.1", "s1.2", "s1.3", "s2", "full"}
 
 
+def test_freeze_logs_counts(caplog):
+    model = _model()
+    with caplog.at_level("INFO", logger="monovl.train.freeze"):
+        freeze(model, "s1.1")
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert f"trainable {n_train} parameters" in caplog.text and f"frozen {n_frozen} " in caplog.text
+
+
 def test_freeze_errors_and_custom_patterns():
     model = _model()
     with pytest.raises(ValueError, match="unknown stage"):

@@ -6,6 +6,8 @@
 the model's outputs are unchanged at first. `merge_lora` folds (alpha / r) · B A into W and restores the
 `nn.Linear`s, so the state dict has exactly the release keys again. InternLM2 module names:
 `attention.wqkv`, `attention.wo`, `feed_forward.w1/w2/w3`, `feed_forward_ve.*`, `attention_ve.*`.
+Apply it after `freeze(model, stage)`: it freezes the wrapped base weights itself and leaves the rest as the
+stage set them; a later `freeze` call must list `*.lora_A` / `*.lora_B` among its patterns to keep them training.
 """
 from __future__ import annotations
 

@@ -101,13 +101,14 @@ def monolithize(llm_model: MonoInternVL, llm_tokenizer: Tokenizer, *, vision: Vi
                       image_token_id=tokenizer.img_context_id, hf={"llm_config": hf_llm},
                       generation=copy.deepcopy(src_cfg.generation))
     src = dict(llm_model.named_parameters())
+    src_names = set(src)
     ref = src["language_model.output.weight"]
     with torch.device("meta"):
         model = MonoInternVL(cfg)
     model = model.to_empty(device=ref.device).to(ref.dtype)
     _init_vision_(model, torch.Generator().manual_seed(seed), std)
     for name, p in model.language_model.named_parameters(prefix="language_model"):
-        w = src[_source_name(name, set(src))]
+        w = src[_source_name(name, src_names)]
         if name.endswith(("tok_embeddings.weight", "output.weight")) and vocab > old_vocab:
             p[:old_vocab].copy_(w)
             p[old_vocab:].copy_(w.float().mean(0, keepdim=True).to(w.dtype))  # new rows: mean of existing
