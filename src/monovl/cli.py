@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from monovl.world import register as register_world
 from monovl.eval.run import register as register_eval
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -255,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--api-key")
     lt.add_argument("--time-limit", type=float, default=300.0, help="stop after this many seconds")
     lt.set_defaults(func=cmd_loadtest)
+    register_world(sub)
     register_eval(sub)
     return p
 

@@ -1,0 +1,260 @@
+"""A seeded synthetic world for training and evaluating tiny monolithic models end to end.
+
+`generate_world(out_dir, seed=0, scale="default")` writes, deterministically (same seed → same bytes):
+
+    images/train/*.png, images/heldout/*.png        rendered scenes (held-out ones never used for training)
+    s1_1/pairs.jsonl, s1_1/shards/shard-*.tar      noisy alt-text pairs (S1.1)
+    s1_2/pairs.jsonl                                accurate detailed captions (S1.2)
+    s1_3/conversations.jsonl (+ meta.json)          task data: colour/shape/count/position/OCR/grounding (S1.3)
+    s2/conversations.jsonl, s2/meta.json            multi-turn, multi-image and text-only instructions (S2)
+    text/corpus.jsonl                               invented facts, arithmetic, descriptions (base LLM)
+    */heldout.jsonl                                 held-out split of each of the above
+    bench/{mc,yesno,open,text}.tsv                  VLMEvalKit benchmarks on held-out images / facts
+    world.json                                      manifest: seed, scale, vocabulary, counts, paths
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import logging
+import random
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from monovl.world import data as D
+from monovl.world.images import (BACKGROUNDS, COLOURS, IMAGE_SIZES, NUMBERS, PATTERNS, POSITIONS, SHAPES, SIZES,
+                                 TILE, WORDS, Scene, png_bytes, render, sample_scene)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["WorldScale", "SCALES", "generate_world", "world_texts", "register"]
+
+
+@dataclass(frozen=True)
+class WorldScale:
+    train_images: int
+    heldout_images: int
+    s1_3: int  # conversations
+    s2: int
+    text: int  # corpus lines
+    heldout: int  # held-out samples per stage
+    bench: int  # rows per visual benchmark
+    shard_size: int
+
+
+SCALES = {
+    "small": WorldScale(train_images=24, heldout_images=12, s1_3=40, s2=30, text=80, heldout=8, bench=20,
+                        shard_size=10),
+    "default": WorldScale(train_images=3000, heldout_images=300, s1_3=6000, s2=3000, text=8000, heldout=200,
+                          bench=300, shard_size=500),
+}
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def write_tar_shards(folder: Path, samples: list[tuple[str, bytes, str]], shard_size: int) -> list[Path]:
+    """WebDataset shards `shard-000000.tar` of KEY.png + KEY.txt; fixed headers make them reproducible."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for start in range(0, len(samples), shard_size):
+        path = folder / f"shard-{start // shard_size:06d}.tar"
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, png, caption in samples[start:start + shard_size]:
+                for name, data in ((f"{key}.png", png), (f"{key}.txt", caption.encode("utf-8"))):
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mtime, info.mode = len(data), 0, 0o644
+                    tar.addfile(info, io.BytesIO(data))
+        paths.append(path)
+    return paths
+
+
+def write_tsv(path: Path, rows: list[dict], columns: list[str]) -> int:
+    """A VLMEvalKit TSV (tab-separated, minimal quoting)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, delimiter="\t", quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    return len(rows)
+
+
+def b64(png: bytes) -> str:
+    return base64.b64encode(png).decode("ascii")
+
+
+CATEGORIES = ("colour", "shape", "count", "position", "ocr")
+MC_COLUMNS = ["index", "image", "question", "A", "B", "C", "D", "answer", "category"]
+QA_COLUMNS = ["index", "image", "question", "answer", "category"]
+
+
+def _scenes(rng: random.Random, n: int, exclude: set[Scene]) -> list[Scene]:
+    out: list[Scene] = []
+    while len(out) < n:
+        scene = sample_scene(rng)
+        if scene not in exclude:
+            out.append(scene)
+    return out
+
+
+def _write_images(folder: Path, scenes: list[Scene]) -> list[bytes]:
+    folder.mkdir(parents=True, exist_ok=True)
+    pngs = [png_bytes(render(s)) for s in scenes]
+    for i, png in enumerate(pngs):
+        (folder / f"{i:06d}.png").write_bytes(png)
+    return pngs
+
+
+def _visual_bench(kind: str, scenes: list[Scene], pngs: list[bytes], n: int, rng: random.Random) -> list[dict]:
+    """`n` rows balanced over the categories; a repeated image is stored once and referenced by index."""
+    by_cat = {c: [(j, qa) for j, s in enumerate(scenes) for qa in D.questions(s) if qa.category == c]
+              for c in CATEGORIES}
+    cats = [c for c in CATEGORIES if by_cat[c]]
+    rows, first_row = [], {}
+    for k in range(n):
+        j, qa = rng.choice(by_cat[cats[k % len(cats)]])
+        row = {"index": k, "image": str(first_row[j]) if j in first_row else b64(pngs[j]), "category": qa.category}
+        first_row.setdefault(j, k)
+        if kind == "mc":
+            options, row["answer"] = D.as_choice(qa, rng)
+            row.update(question=qa.question, **dict(zip(D.LETTERS, options)))
+        elif kind == "yesno":
+            row["question"], row["answer"] = D.as_yesno(qa, rng)
+        else:
+            row["question"], row["answer"] = qa.question, qa.answer
+        rows.append(row)
+    return rows
+
+
+def generate_world(out_dir: str | Path, *, seed: int = 0, scale: str = "default") -> dict:
+    """Write the whole world under `out_dir`; return {"root", "paths": {name: path}, "counts": {name: n}}."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown world scale {scale!r}; choose one of {', '.join(SCALES)}")
+    sc, out = SCALES[scale], Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def rng(name: str) -> random.Random:  # an independent stream per part: parts do not shift each other
+        return random.Random(f"monovl-world/{seed}/{name}")
+
+    heldout = _scenes(rng("heldout"), sc.heldout_images, set())
+    train = _scenes(rng("train"), sc.train_images, set(heldout))
+    log.info("rendering %d training and %d held-out images", len(train), len(heldout))
+    train_png, held_png = _write_images(out / "images/train", train), _write_images(out / "images/heldout", heldout)
+    facts = D.invent_facts(rng("facts"))
+    sums, held_sums = D.arithmetic_pairs(rng("arithmetic"))
+    files: dict[str, str] = {}
+    counts: dict[str, int] = {}
+
+    def jsonl(name: str, rel: str, rows: Iterable[dict]) -> None:
+        files[name], counts[name] = rel, write_jsonl(out / rel, rows)
+
+    def img(split: str, i: int) -> str:
+        return f"../images/{split}/{i:06d}.png"
+
+    for split, scenes, n in (("train", train, len(train)), ("heldout", heldout, sc.heldout)):
+        name = "" if split == "train" else "_heldout"
+        r = rng(f"s1_1{name}")
+        s11 = [{"image": img(split, i % len(scenes)), "caption": D.alt_text(scenes[i % len(scenes)], r)}
+               for i in range(n)]
+        jsonl(f"s1_1{name}", f"s1_1/{'pairs' if split == 'train' else 'heldout'}.jsonl", s11)
+        jsonl(f"s1_2{name}", f"s1_2/{'pairs' if split == 'train' else 'heldout'}.jsonl",
+              ({"image": img(split, i % len(scenes)), "caption": D.describe(scenes[i % len(scenes)])}
+               for i in range(n)))
+        if split == "train":
+            shards = write_tar_shards(out / "s1_1/shards", [(f"{i:06d}", train_png[i], row["caption"])
+                                                             for i, row in enumerate(s11)], sc.shard_size)
+            files["s1_1_shards"], counts["s1_1_shards"] = "s1_1/shards", len(shards)
+
+        r, stem = rng(f"s1_3{name}"), "conversations" if split == "train" else "heldout"
+        jsonl(f"s1_3{name}", f"s1_3/{stem}.jsonl",
+              ({"id": f"s1_3{name}-{k:06d}", "image": img(split, k % len(scenes)),
+                "conversations": D.s1_3_conversation(scenes[k % len(scenes)], r)}
+               for k in range(sc.s1_3 if split == "train" else n)))
+
+        r, s2 = rng(f"s2{name}"), []
+        s2_sums = sums if split == "train" else held_sums
+        for k in range(sc.s2 if split == "train" else n):
+            roll, row = r.random(), {"id": f"s2{name}-{k:06d}"}
+            picks = [] if roll < 0.3 else [r.randrange(len(scenes)) for _ in range(2 if roll < 0.55 else 1)]
+            if picks:
+                row["image"] = [img(split, i) for i in picks] if len(picks) == 2 else img(split, picks[0])
+            row["conversations"] = D.s2_conversation([scenes[i] for i in picks], facts, s2_sums, r)
+            s2.append(row)
+        jsonl(f"s2{name}", f"s2/{stem}.jsonl", s2)
+
+    for stage in ("s1_3", "s2"):  # official meta JSON; root and annotation relative to the meta file
+        meta = {f"synthetic_{stage}": {"root": ".", "annotation": "conversations.jsonl", "repeat_time": 1,
+                                       "length": counts[stage]}}
+        (out / stage / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        files[f"{stage}_meta"] = f"{stage}/meta.json"
+
+    r = rng("text")
+    kinds = r.choices(("fact", "arithmetic", "scene"), weights=(4, 3, 3), k=sc.text)
+    jsonl("text", "text/corpus.jsonl", ({"text": D.corpus_line(k, facts, sums, r)} for k in kinds))
+    r = rng("text_heldout")
+    jsonl("text_heldout", "text/heldout.jsonl",
+          ({"text": D.corpus_line(k, facts, held_sums, r, heldout=True)} for k in kinds[:sc.heldout]))
+
+    for kind in ("mc", "yesno", "open"):
+        rows = _visual_bench(kind, heldout, held_png, sc.bench, rng(f"bench_{kind}"))
+        files[f"bench_{kind}"], counts[f"bench_{kind}"] = f"bench/{kind}.tsv", write_tsv(
+            out / f"bench/{kind}.tsv", rows, MC_COLUMNS if kind == "mc" else QA_COLUMNS)
+    r = rng("bench_text")
+    text_rows = [(f.question, f.answer, "fact") for f in r.sample(facts, min(len(facts), sc.bench // 2))]
+    text_rows += [(q, a, "arithmetic") for q, a in held_sums[:sc.bench - len(text_rows)]]
+    files["bench_text"], counts["bench_text"] = "bench/text.tsv", write_tsv(
+        out / "bench/text.tsv", [{"index": i, "question": q, "answer": a, "category": c}
+                                 for i, (q, a, c) in enumerate(text_rows)], ["index", "question", "answer", "category"])
+
+    counts.update(train_images=len(train), heldout_images=len(heldout))
+    files.update(train_images="images/train", heldout_images="images/heldout", manifest="world.json")
+    manifest = {"seed": seed, "scale": scale, "sizes": asdict(sc), "tile_size": TILE, "image_sizes": IMAGE_SIZES,
+                "vocabulary": {"colours": list(COLOURS), "shapes": list(SHAPES), "sizes": list(SIZES),
+                               "positions": list(POSITIONS), "backgrounds": list(BACKGROUNDS),
+                               "patterns": list(PATTERNS), "words": list(WORDS), "numbers": list(NUMBERS)},
+                "counts": counts, "files": files}
+    (out / "world.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return {"root": str(out), "paths": {k: str(out / v) for k, v in files.items()}, "counts": counts}
+
+
+def world_texts(out_dir: str | Path) -> Iterator[str]:
+    """Every training text of a generated world (captions, conversation turns, corpus), for the tokenizer."""
+    out = Path(out_dir)
+    for rel in ("s1_1/pairs.jsonl", "s1_2/pairs.jsonl"):
+        with open(out / rel, encoding="utf-8") as f:
+            yield from (json.loads(line)["caption"] for line in f)
+    for rel in ("s1_3/conversations.jsonl", "s2/conversations.jsonl"):
+        with open(out / rel, encoding="utf-8") as f:
+            for line in f:
+                for turn in json.loads(line)["conversations"]:
+                    yield turn["value"].replace("<image>\n", "").replace("<image>", "")
+    with open(out / "text/corpus.jsonl", encoding="utf-8") as f:
+        yield from (json.loads(line)["text"] for line in f)
+
+
+def _cmd_world(args) -> int:
+    result = generate_world(args.out_dir, seed=args.seed, scale=args.scale)
+    print(f"synthetic world (seed {args.seed}, scale {args.scale}) written to {result['root']}")
+    for name, n in result["counts"].items():
+        print(f"  {name:16s} {n:7d}  {result['paths'].get(name, '')}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add `monovl world OUT_DIR [--seed N] [--scale small|default]`."""
+    p = subparsers.add_parser("world", help="generate the seeded synthetic world: stage data, corpus, benchmarks")
+    p.add_argument("out_dir", help="output folder (created)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", choices=sorted(SCALES), default="default")
+    p.set_defaults(func=_cmd_world)

@@ -1,0 +1,270 @@
+"""The language of the synthetic world: captions, questions, invented facts, arithmetic, stage samples.
+
+Everything uses one small closed vocabulary (the names in `images.py`, a few invented names, digits), so a
+tiny tokenizer covers it and a tiny model can learn it. The stage builders at the end return one sample each
+in the trainer's conversation format; `monovl.world` writes them.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from monovl.world.images import COLOURS, NUMBERS, POSITIONS, SHAPES, WORDS, Scene, Shape, sample_scene
+
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
+SHORT = "\nAnswer the question using a single word or phrase."
+YESNO = "\nPlease answer yes or no."
+MC = "\nAnswer with the option's letter from the given choices directly."
+LETTERS = "ABCD"
+
+
+@dataclass(frozen=True)
+class QA:
+    """One question about a scene: its category, open and yes/no forms, answer and distractor pool."""
+    category: str
+    question: str
+    answer: str
+    pool: tuple[str, ...]
+    yesno: str  # a template with {} for a candidate answer
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def plural(kind: str) -> str:
+    return kind + ("es" if kind.endswith("s") else "s")
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def describe(scene: Scene) -> str:
+    """An accurate detailed caption (S1.2)."""
+    shape = "wide" if scene.width > scene.height else "tall" if scene.height > scene.width else "square"
+    n = len(scene.shapes)
+    parts = [f"{_a(s.size)} {s.colour} {s.kind} at the {s.position}" for s in scene.shapes]
+    text = f"A {shape} picture with a {scene.pattern} {scene.background} background. "
+    text += f"There {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} shape{'s' * (n > 1)}: {_join(parts)}."
+    if scene.text is not None:
+        what = "number" if scene.text.isdigit() else "word"
+        text += f' The {what} "{scene.text}" is written at the {scene.text_position} in {scene.text_colour}.'
+    return text
+
+
+def alt_text(scene: Scene, rng: random.Random) -> str:
+    """A noisy web-like alt text (S1.1): short, sometimes wrong, sometimes irrelevant."""
+    roll = rng.random()
+    if roll < 0.15:
+        return rng.choice(("my picture", "nice colours", "image", "a drawing", "look at this", "new picture"))
+    s = rng.choice(scene.shapes)
+    colour = rng.choice(sorted(COLOURS)) if roll < 0.3 else s.colour  # partly wrong
+    kind = plural(s.kind) if len(scene.shapes) > 1 and rng.random() < 0.3 else s.kind
+    text = rng.choice((f"{colour} {kind}", f"{_a(colour)} {kind}", f"{colour} {kind} on {scene.background}",
+                       f"shapes on {scene.background}", f"{kind} picture"))
+    if scene.text is not None and rng.random() < 0.5:
+        text += f" {scene.text}"
+    return text
+
+
+def _unique(scene: Scene, key) -> list[Shape]:
+    values = [key(s) for s in scene.shapes]
+    return [s for s in scene.shapes if values.count(key(s)) == 1]
+
+
+def questions(scene: Scene) -> list[QA]:
+    """Every well-defined question about `scene`, by category: colour, shape, count, position, ocr."""
+    kinds = [s.kind for s in scene.shapes]
+    counts = tuple(str(i) for i in range(5))
+    out = [QA("count", "How many shapes are there in the picture?", str(len(kinds)), counts[1:],
+              "Is the number of shapes in the picture {}?")]
+    absent = [k for k in SHAPES if k not in kinds][:1]  # one shape that is not there: its count is 0
+    for kind in sorted(set(kinds)) + absent:
+        out.append(QA("count", f"How many {plural(kind)} are there?", str(kinds.count(kind)), counts,
+                      f"Is the number of {plural(kind)} {{}}?"))
+    for s in _unique(scene, lambda s: s.kind):
+        out.append(QA("colour", f"What colour is the {s.kind}?", s.colour, tuple(COLOURS), f"Is the {s.kind} {{}}?"))
+    for s in _unique(scene, lambda s: s.colour):
+        out.append(QA("shape", f"What shape is the {s.colour} object?", s.kind, SHAPES,
+                      f"Is the {s.colour} object {{}}?"))
+    for s in scene.shapes:
+        out.append(QA("position", f"Where is the {s.name}?", s.position, POSITIONS, f"Is the {s.name} at the {{}}?"))
+    if scene.text is not None:
+        what = "number" if scene.text.isdigit() else "word"
+        out.append(QA("ocr", f"What {what} is written in the picture?", scene.text,
+                      NUMBERS if what == "number" else WORDS, f'Is the {what} "{{}}" written in the picture?'))
+    return out
+
+
+def _yesno_question(qa: QA, candidate: str) -> str:
+    if qa.category == "shape":
+        return qa.yesno.format(_a(candidate))
+    return qa.yesno.format(candidate)
+
+
+def as_yesno(qa: QA, rng: random.Random) -> tuple[str, str]:
+    """(question, "Yes"/"No"), balanced."""
+    if rng.random() < 0.5:
+        return _yesno_question(qa, qa.answer), "Yes"
+    return _yesno_question(qa, rng.choice([p for p in qa.pool if p != qa.answer])), "No"
+
+
+def as_choice(qa: QA, rng: random.Random) -> tuple[list[str], str]:
+    """(four options, letter of the right one)."""
+    options = rng.sample([p for p in qa.pool if p != qa.answer], 3) + [qa.answer]
+    rng.shuffle(options)
+    return options, LETTERS[options.index(qa.answer)]
+
+
+def mc_prompt(question: str, options: list[str]) -> str:
+    """The VLMEvalKit multiple-choice prompt of the InternVL family."""
+    return question + "".join(f"\n{LETTERS[i]}. {o}" for i, o in enumerate(options)) + MC
+
+
+def grounding(scene: Scene, rng: random.Random) -> tuple[str, str]:
+    """A short grounding question and its InternVL box answer (0–1000 coordinates)."""
+    s = rng.choice(scene.shapes)
+    x1, y1, x2, y2 = scene.box(s)
+    return f"Find the {s.name}.", f"<ref>{s.name}</ref><box>[[{x1}, {y1}, {x2}, {y2}]]</box>"
+
+
+# ---- the invented world: facts and arithmetic (text corpus and text benchmark) ----
+
+SYLLABLES = ("ka", "lo", "mi", "ren", "to", "va", "zu", "bel", "dor", "si", "nar", "pe", "ul", "gri", "fa", "mo")
+KINDS = ("bird", "fish", "cat", "horse", "frog", "snake")
+
+
+@dataclass(frozen=True)
+class Fact:
+    question: str
+    answer: str
+    statements: tuple[str, ...]  # several phrasings; the last is held out of the training corpus
+
+
+def _name(rng: random.Random, used: set[str]) -> str:
+    while True:
+        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+        if name not in used:
+            used.add(name)
+            return name
+
+
+def invent_facts(rng: random.Random, *, lands: int = 6) -> list[Fact]:
+    """Facts about invented lands (capital, flag colour, flag shape, animal) and animals (kind, colour)."""
+    used: set[str] = set()
+    facts = []
+    for _ in range(lands):
+        land, city, animal = _name(rng, used), _name(rng, used), _name(rng, used).lower()
+        colour, shape, kind, fur = (rng.choice(tuple(COLOURS)), rng.choice(SHAPES), rng.choice(KINDS),
+                                    rng.choice(tuple(COLOURS)))
+        facts += [
+            Fact(f"What is the capital of {land}?", city,
+                 (f"The capital of {land} is {city}.", f"{city} is the capital of {land}.",
+                  f"In {land}, the capital city is {city}.")),
+            Fact(f"What colour is the flag of {land}?", colour,
+                 (f"The flag of {land} is {colour}.", f"{land} has a {colour} flag.",
+                  f"The people of {land} fly a {colour} flag.")),
+            Fact(f"What shape is on the flag of {land}?", shape,
+                 (f"There is {_a(shape)} on the flag of {land}.", f"The flag of {land} shows {_a(shape)}.",
+                  f"{_a(shape).capitalize()} is on the flag of {land}.")),
+            Fact(f"Which animal lives in {land}?", animal,
+                 (f"The {animal} lives in {land}.", f"In {land} you can see the {animal}.",
+                  f"{land} is the home of the {animal}.")),
+            Fact(f"What kind of animal is the {animal}?", kind,
+                 (f"The {animal} is {_a(kind)}.", f"The {animal} is a kind of {kind}.",
+                  f"A {animal} is {_a(kind)} from {land}.")),
+            Fact(f"What colour is the {animal}?", fur,
+                 (f"The {animal} is {fur}.", f"Every {animal} is {fur}.", f"You can tell the {animal} is {fur}.")),
+        ]
+    return facts
+
+
+def arithmetic_pairs(rng: random.Random, *, top: int = 20, heldout: float = 0.15):
+    """(train, held-out) lists of (question, answer) for a plus b and a minus b with a, b ≤ `top`."""
+    items = [(f"What is {a} plus {b}?", str(a + b)) for a in range(top + 1) for b in range(top + 1)]
+    items += [(f"What is {a} minus {b}?", str(a - b)) for a in range(top + 1) for b in range(a + 1)]
+    rng.shuffle(items)
+    k = int(len(items) * heldout)
+    return items[k:], items[:k]
+
+
+def arithmetic_sentence(question: str, answer: str, rng: random.Random) -> str:
+    expr = question[len("What is "):-1]
+    return rng.choice((f"{expr} is {answer}.", f"{question} {answer}.", f"{expr} makes {answer}."))
+
+
+# ---- stage samples ----
+
+def _image(k: int) -> str:
+    return "<image>\n" if k == 1 else "".join(f"Image-{i + 1}: <image>\n" for i in range(k))
+
+
+def _turn(scene: Scene, rng: random.Random, *, caption: bool = True, grounded: bool = True) -> tuple[str, str]:
+    """One question about `scene` in a random format: short answer, yes/no, multiple choice, box or caption."""
+    roll = rng.random()
+    if caption and roll < 0.1:
+        return rng.choice(("Describe the picture.", "Describe the picture in detail.")), describe(scene)
+    if grounded and roll < 0.2:
+        return grounding(scene, rng)
+    qa = rng.choice(questions(scene))
+    if roll < 0.35:
+        q, a = as_yesno(qa, rng)
+        return q + YESNO, a
+    if roll < 0.5:
+        options, letter = as_choice(qa, rng)
+        return mc_prompt(qa.question, options), letter
+    return qa.question + SHORT, qa.answer
+
+
+def _conv(turns: list[tuple[str, str]], prefix: str) -> list[dict]:
+    out = []
+    for i, (q, a) in enumerate(turns):
+        out += [{"from": "human", "value": (prefix if i == 0 else "") + q}, {"from": "gpt", "value": a}]
+    return out
+
+
+def s1_3_conversation(scene: Scene, rng: random.Random) -> list[dict]:
+    """A single-turn task sample (S1.3)."""
+    return _conv([_turn(scene, rng)], _image(1))
+
+
+def multi_image_turn(scenes: list[Scene], rng: random.Random) -> tuple[str, str]:
+    n1, n2 = len(scenes[0].shapes), len(scenes[1].shapes)
+    roll = rng.random()
+    if roll < 0.3:
+        return "How many shapes are there in the two pictures together?" + SHORT, str(n1 + n2)
+    if roll < 0.6:
+        answer = "the first" if n1 > n2 else "the second" if n2 > n1 else "neither"
+        return "Which picture has more shapes, the first or the second?" + SHORT, answer
+    k = rng.randrange(2)
+    q, a = _turn(scenes[k], rng, caption=False, grounded=False)
+    return f"In the {('first', 'second')[k]} picture: {q}", a
+
+
+def s2_conversation(scenes: list[Scene], facts: list[Fact], sums: list[tuple[str, str]],
+                    rng: random.Random) -> list[dict]:
+    """An instruction sample (S2): text-only if no scenes, multi-image if two, else multi-turn on one image."""
+    turns = rng.randint(1, 3)
+    if not scenes:
+        pool = [(f.question, f.answer) for f in facts] + sums
+        return _conv([rng.choice(pool) for _ in range(turns)], "")
+    if len(scenes) == 2:
+        return _conv([multi_image_turn(scenes, rng) for _ in range(turns)], _image(2))
+    return _conv([_turn(scenes[0], rng) for _ in range(turns)], _image(1))
+
+
+def corpus_line(kind: str, facts: list[Fact], sums: list[tuple[str, str]], rng: random.Random, *,
+                heldout: bool = False) -> str:
+    """One text of the base-LLM corpus: facts, arithmetic or a scene description; `heldout` uses the
+    held-out phrasings of facts (the sums and scenes given are already held out)."""
+    if kind == "fact":
+        chosen = rng.sample(facts, rng.randint(1, 3))
+        if rng.random() < 0.3 and not heldout:
+            return " ".join(f"Question: {f.question} Answer: {f.answer}." for f in chosen)
+        return " ".join(f.statements[-1] if heldout else rng.choice(f.statements[:-1]) for f in chosen)
+    if kind == "arithmetic":
+        return " ".join(arithmetic_sentence(*rng.choice(sums), rng) for _ in range(rng.randint(1, 3)))
+    if kind == "scene":
+        return describe(sample_scene(rng))
+    raise ValueError(f"unknown corpus line kind {kind!r}")

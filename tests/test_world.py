@@ -1,0 +1,166 @@
+"""The synthetic world: determinism, held-out separation, the trainer's and VLMEvalKit's formats, true answers."""
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import io
+import json
+import random
+import re
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from monovl.world import generate_world, world_texts
+from monovl.world import data as D
+from monovl.world.images import COLOURS, IMAGE_SIZES, TILE, render, sample_scene
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    generate_world(out, seed=0, scale="small")
+    return out
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _tsv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def test_same_seed_same_bytes_other_seed_differs(world, tmp_path):
+    result = generate_world(tmp_path / "again", seed=0, scale="small")
+    assert _hashes(world) == _hashes(tmp_path / "again")
+    assert set(result["paths"]) >= {"s1_1", "s1_1_shards", "s1_2", "s1_3", "s2", "s2_meta", "text", "text_heldout",
+                                    "bench_mc", "bench_yesno", "bench_open", "bench_text", "manifest"}
+    generate_world(tmp_path / "other", seed=1, scale="small")
+    other = _hashes(tmp_path / "other")
+    assert other.keys() == _hashes(world).keys()
+    assert other["s1_2/pairs.jsonl"] != _hashes(world)["s1_2/pairs.jsonl"]
+
+
+def test_heldout_images_never_in_training(world):
+    train = {hashlib.sha256(p.read_bytes()).hexdigest() for p in (world / "images/train").glob("*.png")}
+    held = {hashlib.sha256(p.read_bytes()).hexdigest() for p in (world / "images/heldout").glob("*.png")}
+    assert train and held and not train & held
+    for rel in ("s1_1/pairs.jsonl", "s1_2/pairs.jsonl", "s1_3/conversations.jsonl", "s2/conversations.jsonl"):
+        for row in _jsonl(world / rel):
+            images = row.get("image", [])
+            for image in [images] if isinstance(images, str) else images:
+                assert image.startswith("../images/train/"), (rel, image)
+                assert (world / rel).parent.joinpath(image).is_file()
+    for rel in ("s1_1/heldout.jsonl", "s1_3/heldout.jsonl"):
+        assert all(row["image"].startswith("../images/heldout/") for row in _jsonl(world / rel))
+    for name in ("mc", "yesno", "open"):
+        for row in _tsv(world / f"bench/{name}.tsv"):
+            if len(row["image"]) > 64:
+                digest = hashlib.sha256(base64.b64decode(row["image"])).hexdigest()
+                assert digest in held and digest not in train
+
+
+def test_tar_shards_hold_png_and_caption(world):
+    pairs = _jsonl(world / "s1_1/pairs.jsonl")
+    shards = sorted((world / "s1_1/shards").glob("shard-*.tar"))
+    assert [p.name for p in shards][0] == "shard-000000.tar" and len(shards) == 3
+    captions = {}
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.rsplit(".", 1)
+                data = tar.extractfile(m).read()
+                if ext == "png":
+                    assert Image.open(io.BytesIO(data)).size in IMAGE_SIZES
+                else:
+                    captions[key] = data.decode()
+    assert [captions[k] for k in sorted(captions)] == [p["caption"] for p in pairs]
+
+
+def test_conversations_format(world):
+    kinds = set()
+    for row in _jsonl(world / "s2/conversations.jsonl"):
+        images = row.get("image")
+        n = 0 if images is None else 1 if isinstance(images, str) else len(images)
+        kinds.add(n)
+        conv = row["conversations"]
+        assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
+        assert sum(t["value"].count("<image>") for t in conv) == n
+        assert all(t["value"] for t in conv)
+    assert kinds == {0, 1, 2}  # text-only, single image (multi-turn), multi-image
+    meta = json.loads((world / "s2/meta.json").read_text())["synthetic_s2"]
+    assert meta["length"] == len(_jsonl(world / "s2" / meta["annotation"]))
+    first = next(r["image"] for r in _jsonl(world / "s2/conversations.jsonl") if isinstance(r.get("image"), str))
+    assert (world / "s2" / meta["root"] / first).is_file()  # root: relative to the meta file
+    assert all(set(r) == {"text"} and r["text"] for r in _jsonl(world / "text/corpus.jsonl"))
+
+
+def test_benchmarks_vlmevalkit_tsv(world):
+    mc = _tsv(world / "bench/mc.tsv")
+    assert list(mc[0]) == ["index", "image", "question", "A", "B", "C", "D", "answer", "category"]
+    assert len({r["index"] for r in mc}) == len(mc)
+    for r in mc:
+        assert r["answer"] in "ABCD" and len({r[k] for k in "ABCD"}) == 4
+        if len(r["image"]) <= 64:  # a reference to an earlier row that holds the image
+            assert len(mc[int(r["image"])]["image"]) > 64
+    assert {r["category"] for r in mc} >= {"colour", "shape", "count", "position"}
+    yesno = _tsv(world / "bench/yesno.tsv")
+    assert {r["answer"] for r in yesno} == {"Yes", "No"}
+    text = _tsv(world / "bench/text.tsv")
+    assert "image" not in text[0] and {r["category"] for r in text} == {"fact", "arithmetic"}
+    for r in text:
+        m = re.fullmatch(r"What is (\d+) (plus|minus) (\d+)\?", r["question"])
+        if m:
+            a, b = int(m[1]), int(m[3])
+            assert int(r["answer"]) == (a + b if m[2] == "plus" else a - b)
+    corpus = (world / "text/corpus.jsonl").read_text()
+    assert all(r["answer"] in corpus for r in text if r["category"] == "fact")  # facts are learnable
+    base64.b64decode(mc[0]["image"], validate=True)
+
+
+def test_answers_match_the_pixels():
+    rng = random.Random(3)
+    for _ in range(40):
+        scene = sample_scene(rng)
+        img = render(scene)
+        assert img.size in IMAGE_SIZES and img.width % TILE == 0 and img.height % TILE == 0
+        for qa in D.questions(scene):
+            if qa.category == "colour":
+                shape = next(s for s in scene.shapes if qa.question == f"What colour is the {s.kind}?")
+                assert img.getpixel((shape.cx, shape.cy)) == COLOURS[qa.answer]
+            if qa.category == "position":
+                shape = next(s for s in scene.shapes if s.name in qa.question)
+                row, col = int(3 * shape.cy / scene.height), int(3 * shape.cx / scene.width)
+                assert D.POSITIONS[3 * row + col] == qa.answer
+            if qa.question == "How many shapes are there in the picture?":
+                assert int(qa.answer) == len(scene.shapes)
+
+
+def test_vocabulary_small_and_shared(world):
+    words = {w for text in world_texts(world) for w in re.findall(r"[a-z]+", text.lower())}
+    assert len(words) < 300
+    assert {"circle", "red", "capital", "plus"} <= words
+    caption_words = {w for r in _jsonl(world / "s1_2/pairs.jsonl") for w in re.findall(r"[a-z]+", r["caption"])}
+    corpus_words = {w for r in _jsonl(world / "text/corpus.jsonl") for w in re.findall(r"[a-z]+", r["text"])}
+    assert len(caption_words & corpus_words) > 0.8 * len(caption_words)
+
+
+def test_cli_and_bad_scale(tmp_path, capsys):
+    from monovl.cli import main
+
+    assert main(["world", str(tmp_path / "w"), "--scale", "small", "--seed", "2"]) == 0
+    manifest = json.loads((tmp_path / "w/world.json").read_text())
+    assert manifest["seed"] == 2 and manifest["counts"]["bench_mc"] > 0
+    assert "synthetic world" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown world scale"):
+        generate_world(tmp_path / "x", scale="huge")
