@@ -305,3 +305,20 @@ def test_cli_eval(model_and_tokenizer, tmp_path, capsys):
                "--max-new-tokens", "2", "--max-tiles", "1", "--limit", "1"])
     assert rc == 0 and "| **overall** | 1 |" in capsys.readouterr().out
     assert json.loads((tmp_path / "o/cli.results.json").read_text())["counts"]["rows"] == 1
+
+
+def test_a_failing_row_does_not_stop_the_run(model_and_tokenizer, tmp_path, monkeypatch):
+    _, model, tokenizer = model_and_tokenizer
+    rows = [{"index": i, "question": f"item-{i} say", "answer": "ok"} for i in range(4)]
+    ok = _fake_generate(tokenizer, lambda p: "ok")
+
+    def flaky(model, ids, pixel_values=None, **kwargs):  # fails on any batch holding item-2
+        if any("item-2" in tokenizer.decode(r.tolist()) for r in ids):
+            raise RuntimeError("out of memory")
+        return ok(model, ids, pixel_values, **kwargs)
+    monkeypatch.setattr(run, "generate", flaky)
+    res = run.evaluate(model, tokenizer, write_tsv(tmp_path / "f.tsv", rows), batch_size=4, out_dir=tmp_path,
+                       progress=False)
+    assert res["overall"]["score"] == 0.75 and res["counts"]["bad_rows"] == 1
+    preds = [json.loads(x) for x in (tmp_path / "f.predictions.jsonl").read_text().splitlines()]
+    assert [p["prediction"] for p in preds] == ["ok", "ok", "", "ok"] and "out of memory" in preds[2]["error"]
