@@ -12,8 +12,8 @@ from monovl.config import preset
 from monovl.scratch import SAMPLE_TEXT, new_model
 from monovl.template import IM_END, render
 from monovl.tokenizer import Tokenizer, build_bpe_tokenizer
-from monovl.train.data import DataConfig, Renderer, SourceConfig, TrainLoader, _items, _parse, expand_meta
-from monovl.train.packing import IGNORE, Packer, Sample, collate
+from monovl.train.data import DataConfig, SourceConfig, TrainLoader, _items, _parse, expand_meta
+from monovl.train.packing import IGNORE, Packer, Renderer, Sample, collate
 from tokenizer_fixture import make_sp_tokenizer_dir
 
 
@@ -58,6 +58,14 @@ def data_dir(tmp_path):
     return tmp_path
 
 
+def _tar(path, members):
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
 def _assistant_text(tok, sample):
     return tok.decode([i for i, lab in zip(sample.input_ids, sample.labels) if lab != IGNORE], skip_special_tokens=False)
 
@@ -96,13 +104,9 @@ def test_pairs_webdataset_and_text_samples(tok, model_cfg, data_dir):
     assert "<img>" in tok.decode(pair.input_ids, skip_special_tokens=False)
     assert tok.decode(pair.input_ids, skip_special_tokens=False).endswith("Caption it.<|im_end|><|im_start|>assistant\n"
                                                                            "A shape number 0.<|im_end|>")
-    tar_path = data_dir / "shard-0.tar"
-    with tarfile.open(tar_path, "w") as tf:
-        for key, ext, caption in [("a/s0", "txt", b"A red square."), ("a/s1", "json", b'{"caption": "Blue."}')]:
-            for name, data in [(f"{key}.png", (data_dir / "img1.png").read_bytes()), (f"{key}.{ext}", caption)]:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
+    png = (data_dir / "img1.png").read_bytes()
+    _tar(data_dir / "shard-0.tar", [("a/s0.png", png), ("a/s0.txt", b"A red square."), ("a/s1.png", png),
+                                    ("a/s1.json", b'{"caption": "Blue."}')])
     wds = SourceConfig("webdataset", str(data_dir))
     got = [_assistant_text(tok, render_(_parse(wds, raw, cfg.caption_prompt))) for _, raw in _items(wds, 0, 1)]
     assert got == ["A red square." + IM_END, "Blue." + IM_END]
@@ -215,6 +219,13 @@ def test_sharding_partitions_lines_and_shards(data_dir):
     shares = [[w for w, _ in _items(src, k, 4)] for k in range(4)]
     flat = sorted(w for share in shares for w in share)
     assert len(flat) == 6 and len(set(flat)) == 6 and shares[1] == [f"{src.path}:2", f"{src.path}:6"]
+    for j in range(2):
+        _tar(data_dir / f"s{j}.tar", [(f"k{j}{i}.txt", b"x") for i in range(3)])
+    wds = SourceConfig("webdataset", str(data_dir))
+    by_shard = [[w.rsplit(":", 1)[1] for w, _ in _items(wds, k, 2)] for k in range(2)]
+    assert by_shard == [["k00", "k01", "k02"], ["k10", "k11", "k12"]]  # whole shards per worker
+    by_sample = [[w.rsplit(":", 1)[1] for w, _ in _items(wds, k, 3)] for k in range(3)]
+    assert by_sample[0] == ["k00", "k10"] and sum(map(len, by_sample)) == 6  # fewer shards than workers
 
 
 def _same(a, b):
@@ -240,5 +251,8 @@ def test_resume_continues_with_the_same_next_batches(num_workers, tok, model_cfg
     resumed.load_state_dict(state)
     got = [b for b, _ in zip(resumed, range(4))]
     assert all(_same(a, b) for a, b in zip(expected, got))
+    other = TrainLoader(cfg, tok, model_cfg, rank=1, world_size=2)
+    with pytest.raises(ValueError, match="same rank, world size and number of workers"):
+        other.load_state_dict(state)
     fresh = [b for b, _ in zip(TrainLoader(cfg, tok, model_cfg), range(4))]
     assert not all(_same(a, b) for a, b in zip(expected, fresh))

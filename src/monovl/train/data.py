@@ -7,10 +7,12 @@ streamed and split across ranks and DataLoader workers: item i of a source goes 
 i % (world_size * num_workers) (tar shards: shard j to worker j % W when there are at least W shards).
 Sources are mixed by weight with a seeded RNG and cycled. Bad items are skipped and counted in
 `DataStats` (`strict` raises instead). `TrainLoader.state_dict()` resumes at exactly the next batch.
+Items are read in file order (no shuffling within a source): shuffle annotation files beforehand.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import random
@@ -21,12 +23,10 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from monovl.images import ImageError, load_pixel_values
-from monovl.template import IM_START, IMAGE_PLACEHOLDER, IMG_END, add_image_placeholders, expand_images, render
-from monovl.train.packing import IGNORE, Packer, Sample
+from monovl.template import IMAGE_PLACEHOLDER
+from monovl.train.packing import BadSample, Packer, Renderer
 
 log = logging.getLogger(__name__)
 KINDS = ("pairs", "webdataset", "conversations", "meta", "text")
@@ -56,14 +56,6 @@ class DataConfig:
     strict: bool = False  # raise on bad data instead of skipping it
     seed: int = 0
     num_workers: int = 0
-
-
-class BadSample(ValueError):
-    """An item that cannot be used; `reason` is its DataStats key."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass
@@ -136,10 +128,11 @@ def _tar_groups(shard: Path) -> Iterator[tuple[str, dict]]:
                 continue
             folder, _, base = member.name.rpartition("/")
             stem, _, ext = base.partition(".")
-            if f"{folder}/{stem}" != key and group:
+            name = f"{folder}/{stem}" if folder else stem
+            if name != key and group:
                 yield f"{shard}:{key}", group
                 group = {}
-            key = f"{folder}/{stem}"
+            key = name
             group[ext.lower()] = tf.extractfile(member).read()
     if group:
         yield f"{shard}:{key}", group
@@ -190,88 +183,6 @@ def _pair(caption: str, prompt: str) -> list[dict]:
     return [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{prompt}"}, {"role": "assistant", "content": caption}]
 
 
-class Renderer:
-    """Parsed items → `Sample`s with the inference template, tokenizer and tiling."""
-
-    def __init__(self, cfg: DataConfig, tokenizer, model_cfg):
-        self.cfg, self.tok, self.model_cfg = cfg, tokenizer, model_cfg
-        self.n_image_token = model_cfg.num_image_token if model_cfg.vision is not None else 0
-        self.header = tokenizer.encode("assistant\n", add_bos=False)
-
-    def __call__(self, item: dict) -> Sample:
-        if "text" in item:
-            ids = self.tok.encode(item["text"], add_bos=True) + [self.tok.eos_id]
-            return self._fit(Sample(ids, [IGNORE] + ids[1:]))
-        messages, system = list(item["messages"]), self.cfg.system
-        if messages and messages[0]["role"] == "system":
-            system = system if system is not None else messages[0]["content"]
-            messages = messages[1:]
-        while messages and messages[-1]["role"] == "user":
-            messages.pop()  # a trailing question without an answer teaches nothing
-        if not any(m["role"] == "assistant" for m in messages):
-            raise BadSample("no_answer", "the conversation has no assistant answer")
-        n_placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages if m["role"] == "user")
-        if n_placeholders == 0 and item["images"]:
-            first = next(i for i, m in enumerate(messages) if m["role"] == "user")
-            messages[first] = {"role": "user", "content": add_image_placeholders(messages[first]["content"],
-                                                                                   len(item["images"]))}
-        elif n_placeholders != len(item["images"]):
-            raise BadSample("image_mismatch", f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholders but "
-                                              f"{len(item['images'])} images")
-        pixels = [self._load(image) for image in item["images"]]
-        tiles = iter([len(p) for p in pixels])
-        for i, m in enumerate(messages):
-            k = m["content"].count(IMAGE_PLACEHOLDER)
-            messages[i] = {"role": m["role"], "content": expand_images(m["content"], list(islice(tiles, k)),
-                                                                       self.n_image_token)}
-        ids, labels = self._encode(render(messages, system=system))
-        return self._fit(Sample(ids, labels, torch.cat(pixels) if pixels else None))
-
-    def _load(self, image) -> torch.Tensor:
-        if self.model_cfg.vision is None:
-            raise BadSample("image_on_text_model", "an image sample for a text-only model")
-        try:
-            return load_pixel_values(image, image_size=self.model_cfg.vision.image_size, max_num=self.cfg.max_tiles,
-                                     min_num=self.model_cfg.min_dynamic_patch, use_thumbnail=self.model_cfg.use_thumbnail,
-                                     dynamic=self.model_cfg.dynamic_image_size)
-        except ImageError as e:
-            raise BadSample("bad_image", str(e)) from e
-
-    def _encode(self, text: str) -> tuple[list[int], list[int]]:
-        """Encode in segments cut right after each assistant turn's `<|im_start|>` and after its `<|im_end|>`
-        (both added tokens, where the tokenizer splits anyway); label an assistant segment past its header."""
-        marker = IM_START + "assistant\n"
-        ids, labels, start = [], [], 0
-        while (at := text.find(marker, start)) >= 0:
-            head = text[start:at + len(IM_START)]
-            end = text.find("<|im_end|>", at)
-            end = len(text) if end < 0 else end + len("<|im_end|>")
-            body = self.tok.encode(text[at + len(IM_START):end], add_bos=False)
-            head_ids = self.tok.encode(head, add_bos=not ids)
-            n = next((i for i, (a, b) in enumerate(zip(body, self.header)) if a != b), min(len(body), len(self.header)))
-            ids += head_ids + body
-            labels += [IGNORE] * (len(head_ids) + n) + body[n:]
-            start = end
-        tail = self.tok.encode(text[start:], add_bos=not ids) if start < len(text) else []
-        return ids + tail, labels + [IGNORE] * len(tail)
-
-    def _fit(self, s: Sample) -> Sample:
-        """Apply the overlong policy: "drop", or "truncate" at seq_len (dropped when the cut splits an image)."""
-        cut = self.cfg.seq_len
-        if len(s) <= cut:
-            return s
-        if self.cfg.overlong == "drop":
-            raise BadSample("overlong", f"{len(s)} tokens > seq_len {cut}")
-        kept = s.input_ids[:cut]
-        if s.pixel_values is not None and kept.count(self.tok.img_start_id) != kept.count(self.tok.img_end_id):
-            raise BadSample("overlong", f"{len(s)} tokens > seq_len {cut} and the cut falls inside an image")
-        n_tiles = kept.count(self.tok.img_context_id) // self.n_image_token if s.pixel_values is not None else 0
-        out = Sample(kept, s.labels[:cut], s.pixel_values[:n_tiles] if n_tiles else None, truncated=True)
-        if out.num_loss_tokens == 0:
-            raise BadSample("overlong", f"{len(s)} tokens > seq_len {cut}; the truncated sample has no loss tokens")
-        return out
-
-
 class TrainData(IterableDataset):
     """The batches of one rank: items of this worker's share, mixed, rendered and packed.
 
@@ -288,8 +199,9 @@ class TrainData(IterableDataset):
             if src.kind not in KINDS:
                 raise ValueError(f"unknown source kind {src.kind!r} for {src.path}; choose one of {KINDS}")
         self.sources = [s for src in cfg.sources for s in (expand_meta(src) if src.kind == "meta" else [src])]
-        for src in self.sources:
-            src.name = src.name or Path(src.path).stem
+        if not sum(s.weight for s in self.sources) > 0:
+            raise ValueError("the source weights must sum to more than 0")
+        self.sources = [dataclasses.replace(s, name=s.name or Path(s.path).stem) for s in self.sources]
         self.cfg, self.tokenizer, self.model_cfg = cfg, tokenizer, model_cfg
         self.rank, self.world_size = rank, world_size
         self.resume: dict[int, dict] = {}
@@ -378,10 +290,18 @@ class TrainLoader:
             self.num_batches += 1
             yield batch
 
+    def _layout(self) -> dict:
+        d = self.dataset
+        return {"rank": d.rank, "world_size": d.world_size, "num_workers": self.cfg.num_workers}
+
     def state_dict(self) -> dict:
-        return {"num_batches": self.num_batches, "workers": copy.deepcopy(self.workers)}
+        return {"num_batches": self.num_batches, "workers": copy.deepcopy(self.workers), **self._layout()}
 
     def load_state_dict(self, state: dict) -> None:
+        saved = {k: state.get(k) for k in self._layout()}
+        if saved != self._layout():
+            raise ValueError(f"the data state was saved with {saved}, this loader runs with {self._layout()}: "
+                             "resume with the same rank, world size and number of workers")
         self.num_batches = int(state["num_batches"])
         self.workers = {int(k): copy.deepcopy(v) for k, v in state["workers"].items()}
 

@@ -1,4 +1,8 @@
-"""Rendered training samples and their batching: greedy first-fit packing into rows of `seq_len` tokens.
+"""Training samples: rendering with the inference template, and greedy first-fit packing into rows.
+
+`Renderer` turns a parsed item into token ids and labels with the inference template, tokenizer and
+tiling: loss falls on each assistant answer and its closing `<|im_end|>`, and on every token of pure text
+after BOS; over-long samples are truncated at `seq_len` (dropped when the cut splits an image) or dropped.
 
 A batch row holds whole samples one after another; `input_pos` restarts at 0 at every sample, which the
 model (without a KV cache) turns into a block-diagonal causal mask, so packed samples stay independent.
@@ -7,8 +11,16 @@ Padding at the end of a row is one more run of positions from 0 with labels -100
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import islice
+from typing import TYPE_CHECKING
 
 import torch
+
+from monovl.images import ImageError, load_pixel_values
+from monovl.template import IM_END, IM_START, IMAGE_PLACEHOLDER, add_image_placeholders, expand_images, render
+
+if TYPE_CHECKING:
+    from monovl.train.data import DataConfig
 
 IGNORE = -100  # label of a token that carries no loss
 
@@ -29,6 +41,99 @@ class Sample:
     @property
     def num_loss_tokens(self) -> int:
         return sum(label != IGNORE for label in self.labels[1:])
+
+
+class BadSample(ValueError):
+    """An item that cannot be used; `reason` is its DataStats key."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class Renderer:
+    """Parsed items → `Sample`s with the inference template, tokenizer and tiling."""
+
+    def __init__(self, cfg: DataConfig, tokenizer, model_cfg):
+        self.cfg, self.tok, self.model_cfg = cfg, tokenizer, model_cfg
+        self.n_image_token = model_cfg.num_image_token if model_cfg.vision is not None else 0
+        self.header = tokenizer.encode("assistant\n", add_bos=False)
+
+    def __call__(self, item: dict) -> Sample:
+        if "text" in item:
+            ids = self.tok.encode(item["text"], add_bos=True) + [self.tok.eos_id]
+            return self._fit(Sample(ids, [IGNORE] + ids[1:]))
+        messages, system = list(item["messages"]), self.cfg.system
+        if messages and messages[0]["role"] == "system":
+            system = system if system is not None else messages[0]["content"]
+            messages = messages[1:]
+        while messages and messages[-1]["role"] == "user":
+            messages.pop()  # a trailing question without an answer teaches nothing
+        if not any(m["role"] == "assistant" for m in messages):
+            raise BadSample("no_answer", "the conversation has no assistant answer")
+        n_placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages if m["role"] == "user")
+        if n_placeholders == 0 and item["images"]:
+            first = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+            if first is None:
+                raise BadSample("image_mismatch", "images but no user turn to place them in")
+            messages[first] = {"role": "user", "content": add_image_placeholders(messages[first]["content"],
+                                                                                   len(item["images"]))}
+        elif n_placeholders != len(item["images"]):
+            raise BadSample("image_mismatch", f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholders but "
+                                              f"{len(item['images'])} images")
+        pixels = [self._load(image) for image in item["images"]]
+        tiles = iter([len(p) for p in pixels])
+        for i, m in enumerate(messages):
+            if m["role"] == "user":  # an answer's literal `<image>` stays text
+                k = m["content"].count(IMAGE_PLACEHOLDER)
+                messages[i] = {"role": "user", "content": expand_images(m["content"], list(islice(tiles, k)),
+                                                                        self.n_image_token)}
+        ids, labels = self._encode(render(messages, system=system))
+        return self._fit(Sample(ids, labels, torch.cat(pixels) if pixels else None))
+
+    def _load(self, image) -> torch.Tensor:
+        if self.model_cfg.vision is None:
+            raise BadSample("image_on_text_model", "an image sample for a text-only model")
+        try:
+            return load_pixel_values(image, image_size=self.model_cfg.vision.image_size, max_num=self.cfg.max_tiles,
+                                     min_num=self.model_cfg.min_dynamic_patch, use_thumbnail=self.model_cfg.use_thumbnail,
+                                     dynamic=self.model_cfg.dynamic_image_size)
+        except ImageError as e:
+            raise BadSample("bad_image", str(e)) from e
+
+    def _encode(self, text: str) -> tuple[list[int], list[int]]:
+        """Encode in segments cut right after each assistant turn's `<|im_start|>` and after its `<|im_end|>`
+        (both added tokens, where the tokenizer splits anyway); label an assistant segment past its header."""
+        marker = IM_START + "assistant\n"
+        ids, labels, start = [], [], 0
+        while (at := text.find(marker, start)) >= 0:
+            head = text[start:at + len(IM_START)]
+            end = text.find(IM_END, at)
+            end = len(text) if end < 0 else end + len(IM_END)
+            body = self.tok.encode(text[at + len(IM_START):end], add_bos=False)
+            head_ids = self.tok.encode(head, add_bos=not ids)
+            n = next((i for i, (a, b) in enumerate(zip(body, self.header)) if a != b), min(len(body), len(self.header)))
+            ids += head_ids + body
+            labels += [IGNORE] * (len(head_ids) + n) + body[n:]
+            start = end
+        tail = self.tok.encode(text[start:], add_bos=not ids) if start < len(text) else []
+        return ids + tail, labels + [IGNORE] * len(tail)
+
+    def _fit(self, s: Sample) -> Sample:
+        """Apply the overlong policy: "drop", or "truncate" at seq_len (dropped when the cut splits an image)."""
+        cut = self.cfg.seq_len
+        if len(s) <= cut:
+            return s
+        if self.cfg.overlong == "drop":
+            raise BadSample("overlong", f"{len(s)} tokens > seq_len {cut}")
+        kept = s.input_ids[:cut]
+        if s.pixel_values is not None and kept.count(self.tok.img_start_id) != kept.count(self.tok.img_end_id):
+            raise BadSample("overlong", f"{len(s)} tokens > seq_len {cut} and the cut falls inside an image")
+        n_tiles = kept.count(self.tok.img_context_id) // self.n_image_token if s.pixel_values is not None else 0
+        out = Sample(kept, s.labels[:cut], s.pixel_values[:n_tiles] if n_tiles else None, truncated=True)
+        if out.num_loss_tokens == 0:
+            raise BadSample("overlong", f"{len(s)} tokens > seq_len {cut}; the truncated sample has no loss tokens")
+        return out
 
 
 class Packer:
