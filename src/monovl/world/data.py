@@ -248,7 +248,8 @@ def s2_conversation(scenes: list[Scene], facts: list[Fact], sums: list[tuple[str
     turns = rng.randint(1, 3)
     if not scenes:
         pool = [(f.question, f.answer) for f in facts] + sums
-        return _conv([rng.choice(pool) for _ in range(turns)], "")
+        picks = [rng.choice(pool) for _ in range(turns)]
+        return _conv([(q + SHORT if rng.random() < 0.5 else q, a) for q, a in picks], "")
     if len(scenes) == 2:
         return _conv([multi_image_turn(scenes, rng) for _ in range(turns)], _image(2))
     return _conv([_turn(scenes[0], rng) for _ in range(turns)], _image(1))
