@@ -12,6 +12,8 @@ import torch
 
 from monovl.world import register as register_world
 from monovl.eval.run import register as register_eval
+from monovl.train.recipe import register as register_train
+from monovl.train.metrics import register as register_plot
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -258,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     lt.set_defaults(func=cmd_loadtest)
     register_world(sub)
     register_eval(sub)
+    register_train(sub)
+    register_plot(sub)
     return p
 
 

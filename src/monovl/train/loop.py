@@ -1,0 +1,277 @@
+"""The training loop: AdamW with weight-decay groups, linear warmup + cosine, gradient accumulation and
+clipping, NaN/inf step skipping, periodic atomic training states with resume, metrics, release export.
+
+Loss of an optimizer step = summed cross-entropy of every label token of the global batch (all micro steps,
+all processes) / their number, so 2 processes × half the batch give the loss of 1 process × the whole batch.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from monovl.train import parallel
+from monovl.train.freeze import freeze, param_groups
+from monovl.train.metrics import MetricsWriter
+from monovl.train.recipe import TrainConfig
+from monovl.train.state import list_states, load_state, save_state
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many NaN/inf steps in a row; the training state was saved before raising."""
+
+
+class SyntheticData:
+    """Deterministic samples, each one image tile then a learnable token sequence (t_{i+1} = 7·t_i + 3 mod V').
+    Sample g depends only on (seed, g), so any split of the global batch over processes sees the same data."""
+
+    def __init__(self, cfg: TrainConfig, model_cfg, rank: int = 0, world: int = 1):
+        d = cfg.data
+        if d.batch_size % world:
+            raise ValueError(f"data.batch_size {d.batch_size} is not divisible by the {world} processes")
+        self.cfg, self.model_cfg, self.rank, self.world = d, model_cfg, rank, world
+        self.index = 0  # micro batches consumed
+
+    def state_dict(self) -> dict:
+        return {"index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.index = state["index"]
+
+    def _sample(self, g: int):
+        d, mc = self.cfg, self.model_cfg
+        gen = torch.Generator().manual_seed(d.seed * 1_000_003 + g)
+        n_img = mc.num_image_token if mc.vision is not None and mc.image_token_id is not None else 0
+        vocab = min(mc.llm.vocab_size, mc.image_token_id or mc.llm.vocab_size) - 3
+        ids = torch.empty(d.seq_len, dtype=torch.long)
+        t = int(torch.randint(vocab, (1,), generator=gen))
+        for i in range(d.seq_len):
+            ids[i] = t + 3
+            t = (7 * t + 3) % vocab
+        labels = ids.clone()
+        prompt = int(torch.randint(n_img + 1, max(n_img + 2, d.seq_len // 2), (1,), generator=gen))
+        labels[:prompt] = -100
+        pixels = None
+        if n_img:
+            ids[1:1 + n_img] = mc.image_token_id
+            s = mc.vision.image_size
+            pixels = torch.randn(1, 3, s, s, generator=gen)
+        return ids, labels, pixels
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        local = self.cfg.batch_size // self.world
+        first = self.index * self.cfg.batch_size + self.rank * local
+        samples = [self._sample(first + j) for j in range(local)]
+        self.index += 1
+        pixels = [p for _, _, p in samples if p is not None]
+        return {"input_ids": torch.stack([s[0] for s in samples]), "labels": torch.stack([s[1] for s in samples]),
+                "input_pos": None, "pixel_values": torch.cat(pixels) if pixels else None}
+
+
+def build_model(cfg: TrainConfig, device: torch.device):
+    """(model in fp32 on `device`, tokenizer or None) from `model.path` or a random `model.preset`."""
+    from monovl import load
+    from monovl.config import preset
+    from monovl.scratch import new_model
+
+    m = cfg.model
+    if m.path:
+        model, tokenizer = load(m.path, dtype=torch.float32, device=device)
+        return model.train(), tokenizer
+    mcfg = preset(m.preset)
+    mcfg.image_token_id = mcfg.llm.vocab_size - 7  # the random preset has no tokenizer: a stand-in id
+    return new_model(mcfg, seed=m.seed, device=device).train(), None
+
+
+def build_data(cfg: TrainConfig, model_cfg, tokenizer, rank: int, world: int):
+    """The `[data]` section's loader for this process (`batch_size / world` rows per micro step)."""
+    d = cfg.data
+    if d.kind == "synthetic":
+        return SyntheticData(cfg, model_cfg, rank, world)
+    if d.kind != "mix":
+        raise ValueError(f"unknown data.kind {d.kind!r}; choose synthetic or mix")
+    from monovl.train.data import DataConfig, SourceConfig, TrainLoader
+
+    if tokenizer is None:
+        raise ValueError("data.kind = mix needs a tokenizer: set model.path to a checkpoint folder")
+    if not d.sources:
+        raise ValueError("data.kind = mix needs data.sources = [{kind = ..., path = ...}, ...]")
+    if d.batch_size % world:
+        raise ValueError(f"data.batch_size {d.batch_size} is not divisible by the {world} processes")
+    try:
+        dcfg = DataConfig(sources=[SourceConfig(**s) for s in d.sources], seq_len=d.seq_len,
+                          micro_batch=d.batch_size // world, seed=d.seed, **d.options)
+    except TypeError as e:  # an unknown key in data.sources or data.options
+        raise ValueError(f"bad data.sources / data.options: {e}") from e
+    return TrainLoader(dcfg, tokenizer, model_cfg, rank, world)
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Multiplier of the peak lr at step s: linear warmup to 1 over `warmup` steps, then cosine to `min_ratio`."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def _all_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def loss_sum(model, batch: dict, autocast_dtype=None) -> torch.Tensor:
+    """Summed next-token cross-entropy over the label tokens (labels -100 carry no loss)."""
+    device_type = batch["input_ids"].device.type
+    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits = model(batch["input_ids"], batch.get("pixel_values"), input_pos=batch.get("input_pos"))
+    labels = batch["labels"][:, 1:]  # (B, T-1)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                           reduction="sum")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def train(cfg: TrainConfig, data=None) -> dict:
+    """Run `cfg`; `data` (an iterator of batch dicts with state_dict/load_state_dict) replaces `[data]`.
+    Returns {"step", "losses", "skipped", "run_dir", "final"}."""
+    device = _device(cfg.run.device)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    rank, world, mesh = parallel.init_distributed(device.type)
+    if world > 1:
+        if not cfg.run.fsdp:
+            raise ValueError("several processes need run.fsdp = true")
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+    bf16 = cfg.model.dtype in ("bf16", "bfloat16") or (cfg.model.dtype == "auto" and device.type == "cuda")
+    compute_dtype = torch.bfloat16 if bf16 else None
+    run_dir = Path(cfg.run.out_dir)
+    ckpt_dir = run_dir / "checkpoints"
+
+    torch.manual_seed(cfg.run.seed)
+    model, tokenizer = build_model(cfg, device)
+    freeze(model, cfg.model.trainable or cfg.model.stage)
+    if cfg.model.activation_checkpointing:
+        parallel.apply_ac(model)
+    if cfg.model.compile:
+        parallel.apply_compile(model)
+    if mesh is not None:
+        parallel.apply_fsdp(model, mesh, param_dtype=compute_dtype)
+    autocast_dtype = compute_dtype if mesh is None else None  # FSDP casts parameters itself
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    total = cfg.schedule.steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.schedule.warmup_steps, total, o.min_lr_ratio))
+    data = data if data is not None else build_data(cfg, model.cfg, tokenizer, rank, world)
+
+    start, skipped = 0, 0
+    states = list_states(ckpt_dir) if cfg.run.resume else []
+    if states:
+        trainer = load_state(states[-1], model, optimizer)
+        scheduler.load_state_dict(trainer["scheduler"])
+        data.load_state_dict(trainer["data"])
+        start, skipped = trainer["step"], trainer["skipped"]
+
+    stream = iter(data)
+
+    def trainer_state():
+        return {"scheduler": scheduler.state_dict(), "data": data.state_dict(), "skipped": skipped}
+
+    metrics = MetricsWriter(run_dir, resume_step=start, tensorboard=cfg.run.tensorboard) if rank == 0 else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = tqdm(total=total, initial=start, disable=not cfg.run.progress or rank != 0, desc="train",
+               dynamic_ncols=True)
+    losses, consecutive = [], 0
+    try:
+        for step in range(start + 1, total + 1):
+            t0 = time.perf_counter()
+            micro = [_to(next(stream), device) for _ in range(o.grad_accum)]
+            n_labels = _all_sum(sum((b["labels"][:, 1:] != -100).sum() for b in micro).float())
+            n_tokens = int(_all_sum(torch.tensor(float(sum(b["input_ids"].numel() for b in micro)))))
+            if n_labels.item() == 0:
+                raise ValueError(f"step {step}: the batch has no label tokens (every label is -100)")
+            total_loss = torch.zeros((), device=device)
+            for b in micro:
+                s = loss_sum(model, b, autocast_dtype)
+                (s * world / n_labels).backward()  # FSDP averages gradients over the processes
+                total_loss += s.detach()
+            loss = float(_all_sum(total_loss) / n_labels)
+            grad_norm = float("nan")
+            ok = math.isfinite(loss)
+            if ok:
+                norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf"))
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                ok = math.isfinite(grad_norm)
+            if ok:
+                optimizer.step()
+                consecutive = 0
+            else:
+                skipped += 1
+                consecutive += 1
+                log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s): step skipped",
+                            step, loss, grad_norm)
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            losses.append(loss)
+            dt = time.perf_counter() - t0
+            if metrics is not None and (step % cfg.run.log_every == 0 or step == total):
+                metrics.write({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
+                               "tokens_per_s": n_tokens / dt, "skipped": skipped})
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:.0f}")
+            bar.update(1)
+            if consecutive >= cfg.run.max_consecutive_nonfinite:
+                save_state(ckpt_dir, step, model, optimizer, trainer_state(), cfg.checkpoint.keep_last)
+                raise NonFiniteLossError(
+                    f"{consecutive} non-finite (NaN/inf) steps in a row, up to step {step}: stopping; the training "
+                    f"state was saved in {ckpt_dir}. Lower optim.lr, check the data, or raise "
+                    "run.max_consecutive_nonfinite")
+            if step == total or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+                save_state(ckpt_dir, step, model, optimizer, trainer_state(), cfg.checkpoint.keep_last)
+        final = _export(model, tokenizer, run_dir / "final", device) if cfg.checkpoint.export else None
+    finally:
+        bar.close()
+        if metrics is not None:
+            metrics.close()
+    return {"step": total, "losses": losses, "skipped": skipped, "run_dir": run_dir, "final": final}
+
+
+def _export(model, tokenizer, path: Path, device: torch.device) -> Path | None:
+    """The trained model in the release format (bf16 on GPU, fp32 on CPU). Collective under FSDP."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from monovl.checkpoint import save_model
+    from monovl.model import MonoInternVL
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    with torch.device("meta"):
+        plain = MonoInternVL(model.cfg)
+    plain.load_state_dict(sd, assign=True)
+    save_model(plain, path, dtype=torch.bfloat16 if device.type == "cuda" else None, tokenizer=tokenizer)
+    log.info("exported the trained model to %s", path)
+    return path

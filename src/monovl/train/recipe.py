@@ -1,0 +1,201 @@
+"""Training recipes: one dataclass per section, read from TOML, with dotted `section.key=value` overrides.
+
+A recipe file has the sections `[model]`, `[data]`, `[optim]`, `[schedule]`, `[checkpoint]` and `[run]`;
+every key is a field below. Unknown sections or keys are errors that name the key, so a typo never trains
+with a silent default.
+"""
+import dataclasses
+import os
+import sys
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ModelSection:
+    path: str = ""  # release-format checkpoint to start from; empty = random weights of `preset`
+    preset: str = "debug"  # used only without `path`
+    seed: int = 0  # random initialisation seed (without `path`)
+    stage: str = "full"  # freeze stage: s1.1, s1.2, s1.3, s2, full (see monovl.train.freeze.STAGES)
+    trainable: list[str] = field(default_factory=list)  # fnmatch patterns; non-empty overrides `stage`
+    activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass
+    compile: bool = False  # torch.compile each decoder layer
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 parameters (fp32 reductions) on GPU
+
+
+@dataclass
+class DataSection:
+    kind: str = "synthetic"  # "synthetic" (deterministic random samples, no files) or "mix" (the sources below)
+    sources: list[dict] = field(default_factory=list)  # mix: [{kind, path, weight, root}] (train.data.SourceConfig)
+    batch_size: int = 8  # global rows per micro step, over all processes
+    seq_len: int = 64  # tokens per row
+    seed: int = 0
+    options: dict = field(default_factory=dict)  # mix: more train.data.DataConfig fields (pack, max_tiles, …)
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr × this
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    grad_accum: int = 1  # micro steps per optimizer step
+
+
+@dataclass
+class ScheduleSection:
+    steps: int = 100  # optimizer steps in all
+    warmup_steps: int = 10  # linear warmup from 0, then cosine
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 50  # save training state every N steps (0 = only at the end)
+    keep_last: int = 2  # training states kept on disk
+    export: bool = True  # write the final model in the release format to RUN_DIR/final
+
+
+@dataclass
+class RunSection:
+    out_dir: str = "runs/debug"  # RUN_DIR: metrics, training states, final model
+    seed: int = 0
+    device: str = "auto"  # auto: cuda if available, else cpu
+    resume: bool = True  # continue from the newest training state in RUN_DIR, if any
+    log_every: int = 1
+    max_consecutive_nonfinite: int = 5  # NaN/inf steps in a row before the run stops
+    progress: bool = True  # tqdm progress bar on rank 0
+    tensorboard: bool = True
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    fsdp: bool = True  # shard with FSDP2 when run under torchrun with several processes
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    run: RunSection = field(default_factory=RunSection)
+
+
+def _section_types(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _check_value(where: str, tp, value):
+    """`value` converted to field type `tp`, or a ValueError naming `where`."""
+    origin = typing.get_origin(tp) or tp
+    if origin is bool:
+        if isinstance(value, bool):
+            return value
+    elif origin is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif origin is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif origin in (str, list, dict):
+        if isinstance(value, origin):
+            return list(value) if origin is list else value
+    raise ValueError(f"{where}: expected {getattr(origin, '__name__', origin)}, got {value!r}")
+
+
+def from_dict(d: dict) -> TrainConfig:
+    """A TrainConfig from nested dicts; unknown sections or keys raise a ValueError naming them."""
+    cfg = TrainConfig()
+    sections = _section_types(TrainConfig)
+    for name, values in d.items():
+        if name not in sections:
+            raise ValueError(f"unknown recipe section [{name}]; sections are {sorted(sections)}")
+        if not isinstance(values, dict):
+            raise ValueError(f"recipe section [{name}] must be a table, got {values!r}")
+        section = getattr(cfg, name)
+        types = _section_types(type(section))
+        for key, value in values.items():
+            if key not in types:
+                raise ValueError(f"unknown recipe key {name}.{key}; [{name}] has {sorted(types)}")
+            setattr(section, key, _check_value(f"{name}.{key}", types[key], value))
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """`section.key=value` → (section, key, value typed by the field). Values are TOML (strings may be bare)."""
+    dotted, sep, raw = text.partition("=")
+    section, dot, key = dotted.strip().partition(".")
+    if not sep or not dot or not key:
+        raise ValueError(f"override {text!r} must look like section.key=value")
+    sections = _section_types(TrainConfig)
+    if section not in sections:
+        raise ValueError(f"unknown recipe section in override {text!r}; sections are {sorted(sections)}")
+    types = _section_types(sections[section])
+    if key not in types:
+        raise ValueError(f"unknown recipe key {section}.{key}; [{section}] has {sorted(types)}")
+    tp = typing.get_origin(types[key]) or types[key]
+    raw = raw.strip()
+    if tp is str:
+        value = raw[1:-1] if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'" else raw
+    else:
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"override {text!r}: cannot read {raw!r} as {tp.__name__} ({e})") from e
+    return section, key, _check_value(f"{section}.{key}", types[key], value)
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """A copy of `cfg` with each `section.key=value` applied in order."""
+    cfg = dataclasses.replace(cfg, **{f.name: dataclasses.replace(getattr(cfg, f.name))
+                                      for f in dataclasses.fields(cfg)})
+    for text in overrides:
+        section, key, value = parse_override(text)
+        setattr(getattr(cfg, section), key, value)
+    return cfg
+
+
+def load_recipe(path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a TOML recipe and apply `overrides`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} not found")
+    with path.open("rb") as f:
+        try:
+            d = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"recipe {path} is not valid TOML: {e}") from e
+    return apply_overrides(from_dict(d), overrides or [])
+
+
+def to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def cmd_train(args) -> int:
+    from monovl.train import parallel
+    from monovl.train.loop import NonFiniteLossError, train
+
+    cfg = load_recipe(args.recipe, args.set)
+    try:
+        result = train(cfg)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        parallel.shutdown_distributed()
+    if os.environ.get("RANK", "0") == "0":
+        print(f"trained {result['step']} steps ({result['skipped']} skipped); run folder {result['run_dir']}"
+              + (f"; model {result['final']}" if result["final"] else ""))
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add `monovl train RECIPE.toml [--set section.key=value ...]` (the loop is imported only when it runs)."""
+    p = subparsers.add_parser("train", help="train from a TOML recipe (single process or under torchrun)")
+    p.add_argument("recipe", help="recipe file, e.g. recipes/tiny/s1_1.toml")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value (repeatable), e.g. --set optim.lr=1e-4")
+    p.set_defaults(func=cmd_train)
