@@ -120,6 +120,7 @@ def test_delta_tuning_learns_keeps_text_logits_and_exports(tmp_path):
     states = sorted(p.name for p in (Path(cfg.run.out_dir) / "checkpoints").iterdir())
     assert states == ["step_00000010", "step_00000012"]  # keep_last = 2, including the final state
     assert list((Path(cfg.run.out_dir) / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((Path(cfg.run.out_dir) / "recipe.json").read_text())["optim"]["lr"] == 1e-2
     before, tok = monovl.load(ckpt)
     after, _ = monovl.load(result["final"])  # the release format, with the tokenizer
     ids = torch.tensor([tok.encode("The green triangle is left of the yellow star.")])
@@ -258,4 +259,4 @@ def test_bench_measures_delta_and_full():
     delta = measure("s1.1", "debug", 0, 2, 32, 1, "cpu", ac=True)
     full = measure("full", "debug", 0, 2, 32, 1, "cpu", ac=False)
     assert delta["params"] == full["params"] == full["trainable"] > delta["trainable"] > 0
-    assert delta["tokens_per_s"] > 0 and full["peak_bytes"] >= 0
+    assert delta["tokens_per_s"] > 0 and isinstance(full["peak_bytes"], int)  # meaningful in a fresh process only

@@ -25,7 +25,8 @@ def _rss_bytes() -> int:
 
 def measure(stage: str, preset_name: str, layers: int, batch: int, seq_len: int, steps: int, device: str,
             ac: bool) -> dict:
-    """Train `steps` AdamW steps of `stage` on synthetic data in this process; tokens/s and peak memory."""
+    """Train `steps` AdamW steps of `stage` on synthetic data in this process; tokens/s and peak memory.
+    On CPU the peak is the process's, so call this in a fresh process (as `main` does)."""
     from monovl.config import preset
     from monovl.scratch import new_model
     from monovl.train.freeze import freeze, param_groups

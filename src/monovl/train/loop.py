@@ -6,6 +6,7 @@ all processes) / their number, so 2 processes × half the batch give the loss of
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -19,7 +20,7 @@ from tqdm import tqdm
 from monovl.train import parallel
 from monovl.train.freeze import freeze, param_groups
 from monovl.train.metrics import MetricsWriter
-from monovl.train.recipe import TrainConfig
+from monovl.train.recipe import TrainConfig, to_dict
 from monovl.train.state import list_states, load_state, save_state
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ class SyntheticData:
         if d.batch_size % world:
             raise ValueError(f"data.batch_size {d.batch_size} is not divisible by the {world} processes")
         self.cfg, self.model_cfg, self.rank, self.world = d, model_cfg, rank, world
+        n_img = model_cfg.num_image_token if model_cfg.vision is not None else 0
+        if d.seq_len < n_img + 8:
+            raise ValueError(f"data.seq_len {d.seq_len} is too short for one image ({n_img} tokens) and some text")
         self.index = 0  # micro batches consumed
 
     def state_dict(self) -> dict:
@@ -201,6 +205,8 @@ def train(cfg: TrainConfig, data=None) -> dict:
         return {"scheduler": scheduler.state_dict(), "data": data.state_dict(), "skipped": skipped}
 
     metrics = MetricsWriter(run_dir, resume_step=start, tensorboard=cfg.run.tensorboard) if rank == 0 else None
+    if rank == 0:  # the resolved recipe, overrides applied, next to the metrics
+        (run_dir / "recipe.json").write_text(json.dumps(to_dict(cfg), indent=2))
     params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(total=total, initial=start, disable=not cfg.run.progress or rank != 0, desc="train",
                dynamic_ncols=True)
