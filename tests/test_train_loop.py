@@ -227,17 +227,27 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path):
 
 def test_fsdp_two_processes_match_one(tmp_path):
     recipe = write_recipe(tmp_path, stage="s1.3", steps=3, out=tmp_path / "fsdp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "monovl.cli", "train", str(recipe)], env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    cfg = load_recipe(recipe, [f"run.out_dir={tmp_path / 'single'}"])
+    flat = "optim.min_lr_ratio=1.0"  # constant lr after warmup: the schedule does not depend on the step count
+
+    def torchrun(steps):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "-m", "monovl.cli", "train", str(recipe), "--set", flat, "--set",
+                            f"schedule.steps={steps}"], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    torchrun(3)
+    cfg = load_recipe(recipe, [f"run.out_dir={tmp_path / 'single'}", flat])
     single = loop.train(cfg)
     assert losses(tmp_path / "fsdp") == pytest.approx(single["losses"], rel=1e-5, abs=0)
+    longer = loop.train(apply_overrides(cfg, [f"run.out_dir={tmp_path / 'longer'}", "schedule.steps=7"]))
+    # states are full state dicts: FSDP's resume in one process, and one process's under FSDP
+    loop.train(apply_overrides(cfg, [f"run.out_dir={tmp_path / 'fsdp'}", "schedule.steps=5"]))
+    torchrun(7)
+    assert losses(tmp_path / "fsdp") == pytest.approx(longer["losses"], rel=1e-5, abs=0)
     img = single["final"] and loop.build_model(cfg, torch.device("cpu"))[0].cfg.image_token_id
     a = monovl.load_model(tmp_path / "fsdp" / "final", image_token_id=img)
-    b = monovl.load_model(single["final"], image_token_id=img)
+    b = monovl.load_model(longer["final"], image_token_id=img)
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
 
