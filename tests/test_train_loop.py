@@ -130,6 +130,18 @@ def test_delta_tuning_learns_keeps_text_logits_and_exports(tmp_path):
     assert changed and all(n.startswith(("vision_model.", "mlp1.")) or "_ve." in n for n in changed)
 
 
+def test_lora_on_visual_experts_is_merged_on_export(tmp_path):
+    cfg = load_recipe(write_recipe(tmp_path, stage="s1.1", steps=3), [  # LoRA freezes the experts' base weights
+        "optim.lr=1e-2", "model.lora_targets=['*.feed_forward_ve.*']", "model.lora_rank=4"])
+    before, _ = loop.build_model(cfg, torch.device("cpu"))
+    result = loop.train(cfg)
+    after = monovl.load_model(result["final"], image_token_id=before.cfg.image_token_id)
+    assert [n for n, _ in after.named_parameters()] == [n for n, _ in before.named_parameters()]
+    changed = {n for n, p in after.named_parameters() if not torch.equal(p, before.get_parameter(n))}
+    assert any(".feed_forward_ve.w2." in n for n in changed)  # B A merged into the base weight
+    assert all(n.startswith(("vision_model.", "mlp1.")) or ".feed_forward_ve." in n for n in changed)
+
+
 def test_full_tuning_learns(tmp_path):
     cfg = load_recipe(write_recipe(tmp_path, steps=15), ["checkpoint.export=false"])
     seq = loop.train(cfg)["losses"]

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from monovl.train import parallel
 from monovl.train.freeze import freeze, param_groups
+from monovl.train.lora import apply_lora, merge_lora
 from monovl.train.metrics import MetricsWriter
 from monovl.train.recipe import TrainConfig, to_dict
 from monovl.train.state import list_states, load_state, save_state
@@ -176,7 +177,12 @@ def train(cfg: TrainConfig, data=None) -> dict:
 
     torch.manual_seed(cfg.run.seed)
     model, tokenizer = build_model(cfg, device)
-    freeze(model, cfg.model.trainable or cfg.model.stage)
+    m = cfg.model
+    if m.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16"):
+        raise ValueError(f"model.dtype {m.dtype!r}: choose auto, float32 or bfloat16")
+    freeze(model, m.trainable or m.stage)
+    if m.lora_targets:
+        apply_lora(model, m.lora_targets, m.lora_rank, m.lora_alpha)
     if cfg.model.activation_checkpointing:
         parallel.apply_ac(model)
     if cfg.model.compile:
@@ -257,7 +263,7 @@ def train(cfg: TrainConfig, data=None) -> dict:
                     "run.max_consecutive_nonfinite")
             if step == total or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
                 save_state(ckpt_dir, step, model, optimizer, trainer_state(), cfg.checkpoint.keep_last)
-        final = _export(model, tokenizer, run_dir / "final", device) if cfg.checkpoint.export else None
+        final = _export(model, tokenizer, run_dir / "final", device, m) if cfg.checkpoint.export else None
     finally:
         bar.close()
         if metrics is not None:
@@ -265,8 +271,8 @@ def train(cfg: TrainConfig, data=None) -> dict:
     return {"step": total, "losses": losses, "skipped": skipped, "run_dir": run_dir, "final": final}
 
 
-def _export(model, tokenizer, path: Path, device: torch.device) -> Path | None:
-    """The trained model in the release format (bf16 on GPU, fp32 on CPU). Collective under FSDP."""
+def _export(model, tokenizer, path: Path, device: torch.device, m) -> Path | None:
+    """The trained model in the release format (bf16 on GPU, fp32 on CPU), LoRA merged. Collective under FSDP."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from monovl.checkpoint import save_model
@@ -277,7 +283,10 @@ def _export(model, tokenizer, path: Path, device: torch.device) -> Path | None:
         return None
     with torch.device("meta"):
         plain = MonoInternVL(model.cfg)
+        if m.lora_targets:
+            apply_lora(plain, m.lora_targets, m.lora_rank, m.lora_alpha)
     plain.load_state_dict(sd, assign=True)
+    merge_lora(plain)
     save_model(plain, path, dtype=torch.bfloat16 if device.type == "cuda" else None, tokenizer=tokenizer)
     log.info("exported the trained model to %s", path)
     return path

@@ -20,6 +20,11 @@ class ModelSection:
     seed: int = 0  # random initialisation seed (without `path`)
     stage: str = "full"  # freeze stage: s1.1, s1.2, s1.3, s2, full (see monovl.train.freeze.STAGES)
     trainable: list[str] = field(default_factory=list)  # fnmatch patterns; non-empty overrides `stage`
+    # LoRA on these linear modules (fnmatch), applied after the stage's freezing: their base weights freeze,
+    # lora_A/lora_B train; merged into plain weights on export
+    lora_targets: list[str] = field(default_factory=list)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass
     compile: bool = False  # torch.compile each decoder layer
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 parameters (fp32 reductions) on GPU
