@@ -85,7 +85,8 @@ class SyntheticData:
 
 
 def build_model(cfg: TrainConfig, device: torch.device):
-    """(model in fp32 on `device`, tokenizer or None) from `model.path` or a random `model.preset`."""
+    """(model in fp32 on `device`, tokenizer or None) from `model.path` (monolithized on the fly when it is a
+    plain InternLM2 LLM) or a random `model.preset`."""
     from monovl import load
     from monovl.config import preset
     from monovl.scratch import new_model
@@ -93,6 +94,14 @@ def build_model(cfg: TrainConfig, device: torch.device):
     m = cfg.model
     if m.path:
         model, tokenizer = load(m.path, dtype=torch.float32, device=device)
+        if model.cfg.vision is None:  # a plain InternLM2 LLM: add the patch embedding, mlp1, experts, tokens
+            from monovl.train.monolithize import monolithize
+
+            geometry = preset(m.preset)
+            model, tokenizer = monolithize(model, tokenizer, vision=geometry.vision,
+                                           downsample_ratio=geometry.downsample_ratio,
+                                           visual_attention_experts=m.attention_experts, seed=m.seed)
+            model = model.to(device)
         return model.train(), tokenizer
     mcfg = preset(m.preset)
     mcfg.image_token_id = mcfg.llm.vocab_size - 7  # the random preset has no tokenizer: a stand-in id

@@ -16,7 +16,9 @@ from pathlib import Path
 @dataclass
 class ModelSection:
     path: str = ""  # release-format checkpoint to start from; empty = random weights of `preset`
-    preset: str = "debug"  # used only without `path`
+    preset: str = "debug"  # without `path`: random weights of this preset; with a plain InternLM2 `path`: the
+    # vision geometry (tile size, patch, width, pixel shuffle) of the patch embedding that monolithizing adds
+    attention_experts: bool = False  # monolithizing a plain LLM: also add v1.5 attention experts (EViP++)
     seed: int = 0  # random initialisation seed (without `path`)
     stage: str = "full"  # freeze stage: s1.1, s1.2, s1.3, s2, full (see monovl.train.freeze.STAGES)
     trainable: list[str] = field(default_factory=list)  # fnmatch patterns; non-empty overrides `stage`
