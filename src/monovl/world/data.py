@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from monovl.template import add_image_placeholders
 from monovl.world.images import COLOURS, NUMBERS, POSITIONS, SHAPES, WORDS, Scene, Shape, sample_scene
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
@@ -197,7 +198,8 @@ def arithmetic_sentence(question: str, answer: str, rng: random.Random) -> str:
 # ---- stage samples ----
 
 def _image(k: int) -> str:
-    return "<image>\n" if k == 1 else "".join(f"Image-{i + 1}: <image>\n" for i in range(k))
+    """The placeholders before a question, numbered as inference numbers them (template.add_image_placeholders)."""
+    return add_image_placeholders("", k)
 
 
 def _turn(scene: Scene, rng: random.Random, *, caption: bool = True, grounded: bool = True) -> tuple[str, str]:
