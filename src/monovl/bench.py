@@ -112,5 +112,6 @@ def run_bench(model: MonoInternVL, *, tiles: int = 1, text_tokens: int = 32, dec
     f = count(model, text_tokens, n_vis, tiles, t + decode_tokens // 2)
     dense_s = dense_s if dense else float("nan")
     return dict(tokens=t, visual_tokens=n_vis, ttft_s=ttft, prefill_tok_s=t / ttft,
-                prefill_gflops=f.prefill / ttft / 1e9, decode_tok_s=1 / decode_s, decode_gbs=f.decode_bytes / decode_s / 1e9, dense_ttft_s=dense_s,
+                prefill_gflops=f.prefill / ttft / 1e9, decode_tok_s=1 / decode_s,
+                decode_gbs=f.decode_bytes / decode_s / 1e9, dense_ttft_s=dense_s,
                 dense_gflops=f.dense / dense_s / 1e9, dense_over_routed=dense_s / ttft)
