@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from monovl.world import register as register_world
+from monovl.demo import register as register_demo
 from monovl.eval.run import register as register_eval
 from monovl.train.recipe import register as register_train
 from monovl.train.metrics import register as register_plot
@@ -259,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--time-limit", type=float, default=300.0, help="stop after this many seconds")
     lt.set_defaults(func=cmd_loadtest)
     register_world(sub)
+    register_demo(sub)
     register_eval(sub)
     register_train(sub)
     register_plot(sub)

@@ -78,6 +78,25 @@ def _debug() -> ModelConfig:
     )
 
 
+def _tiny() -> ModelConfig:
+    """The shipped tiny model: a small InternLM2 with visual FFN experts; 112-px tiles, patch 14, pixel shuffle
+    0.5 → 16 tokens per tile. `vocab_size` is a stand-in: set it from the tokenizer (`preset("tiny", vocab_size=…)`)."""
+    return ModelConfig(
+        llm=LLMConfig(vocab_size=1024, hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=2,
+                      intermediate_size=512, rope_theta=10000.0, max_position_embeddings=2048),
+        vision=VisionConfig(image_size=112, patch_size=14, hidden_size=64),
+        max_dynamic_patch=4,
+    )
+
+
+def _tiny_llm() -> ModelConfig:
+    """Stage 0 of the tiny model: the same LLM as `tiny`, plain (no vision, no visual experts)."""
+    cfg = _tiny()
+    cfg.vision = None
+    cfg.llm.visual_ffn_experts = False
+    return cfg
+
+
 def _mono_internvl_2b() -> ModelConfig:
     return ModelConfig()
 
@@ -88,7 +107,8 @@ def _mono_internvl_15_2b() -> ModelConfig:
     return cfg
 
 
-PRESETS = {"debug": _debug, "mono-internvl-2b": _mono_internvl_2b, "mono-internvl-1.5-2b": _mono_internvl_15_2b}
+PRESETS = {"debug": _debug, "tiny": _tiny, "tiny-llm": _tiny_llm, "mono-internvl-2b": _mono_internvl_2b,
+           "mono-internvl-1.5-2b": _mono_internvl_15_2b}
 
 
 def preset(name: str, **llm_overrides) -> ModelConfig:

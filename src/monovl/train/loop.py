@@ -94,10 +94,10 @@ def build_model(cfg: TrainConfig, device: torch.device):
     m = cfg.model
     if m.path:
         model, tokenizer = load(m.path, dtype=torch.float32, device=device)
-        if model.cfg.vision is None:  # a plain InternLM2 LLM: add the patch embedding, mlp1, experts, tokens
-            from monovl.train.monolithize import monolithize
+        geometry = preset(m.preset)
+        if model.cfg.vision is None and geometry.vision is not None:  # a plain LLM and a vision preset:
+            from monovl.train.monolithize import monolithize  # add the patch embedding, mlp1, experts, tokens
 
-            geometry = preset(m.preset)
             model, tokenizer = monolithize(model, tokenizer, vision=geometry.vision,
                                            downsample_ratio=geometry.downsample_ratio,
                                            visual_attention_experts=m.attention_experts, seed=m.seed)

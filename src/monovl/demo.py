@@ -1,0 +1,318 @@
+"""`monovl demo`: the shipped tiny model on the bundled benchmarks, and `--reproduce`, which trains it from
+scratch (world → tokenizer → stage 0 → S1.1 → S1.2 → S1.3 → S2) next to a full-tuning ablation on the same
+data and steps, and writes the paper-style report (Markdown + PNG charts).
+
+Every stage runs through `monovl.train.loop.train` with the recipes in `recipes/tiny/evip/`; only their paths
+(under the output folder), the step counts (`steps_scale`) and, for the ablation, the freeze stage change.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from monovl.eval.run import evaluate
+
+log = logging.getLogger(__name__)
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "evip"
+SHIPPED_MODEL = Path(__file__).resolve().parent / "assets" / "tiny"
+STAGES = ("s0_llm", "s1_1", "s1_2", "s1_3", "s2")  # recipe stems, in training order
+VISUAL_BENCHES = ("mc", "yesno", "open")
+CHANCE = {"mc": 0.25, "yesno": 0.5, "open": 0.0}  # 4 options; yes/no; free answers (no guessing floor)
+TOKENIZER_VOCAB = {"small": 512, "default": 1024}
+
+
+@dataclass
+class StageResult:
+    chain: str  # "delta" (EViP freezing) or "full" (everything trains at every stage)
+    stage: str
+    scores: dict = field(default_factory=dict)  # bench name → overall score in [0, 1]
+    categories: dict = field(default_factory=dict)  # bench name → {category: score}
+    text_logits_identical: bool | None = None  # text-only logits equal to stage 0's, bit for bit
+    text_logits_max_diff: float | None = None
+    train_seconds: float = 0.0
+
+    @property
+    def visual(self) -> float | None:
+        got = [self.scores[b] for b in VISUAL_BENCHES if self.scores.get(b) is not None]
+        return sum(got) / len(got) if got else None
+
+
+def visual_chance() -> float:
+    return sum(CHANCE.values()) / len(CHANCE)
+
+
+def evaluate_model(model, tokenizer, bench_dir: Path, out_dir: Path | None = None, *, limit: int | None = None,
+                   text_only: bool = False, progress: bool = False) -> tuple[dict, dict]:
+    """({bench: overall score}, {bench: {category: score}}) on bench_dir/{mc,yesno,open,text}.tsv; a text-only
+    model (or `text_only`) gets the text benchmark only."""
+    benches = ("text",) if text_only or model.cfg.vision is None else VISUAL_BENCHES + ("text",)
+    scores, cats = {}, {}
+    for name in benches:
+        r = evaluate(model, tokenizer, bench_dir / f"{name}.tsv", out_dir=out_dir, limit=limit, progress=progress,
+                     batch_size=16, max_tiles=4, max_new_tokens=16)
+        scores[name] = r["overall"]["score"]
+        cats[name] = {c: v["score"] for c, v in r["categories"].items()}
+    return scores, cats
+
+
+def text_logits(model, tokenizer, prompts: list[str]) -> list[torch.Tensor]:
+    """Last-layer logits of each text-only chat prompt (the delta-tuning invariant)."""
+    from monovl.template import build_query
+
+    model.eval()
+    with torch.no_grad():
+        return [model(torch.tensor(tokenizer.encode(build_query(p, [])))[None])[0] for p in prompts]
+
+
+def stage_config(stem: str, root: Path, chain: str, steps_scale: float = 1.0, progress: bool = True):
+    """The recipe `stem` with its data under root/world and its runs under root/runs/CHAIN (stage 0 is shared,
+    under root/runs/s0); `chain == "full"` trains everything at every stage."""
+    from monovl.train.recipe import load_recipe
+
+    cfg = load_recipe(RECIPES / f"{stem}.toml")
+    for src in cfg.data.sources:
+        src["path"] = str(root / "world" / Path(src["path"]).relative_to("data/world"))
+    runs = root / "runs"
+    index = STAGES.index(stem)
+    if index == 0:
+        cfg.model.path, cfg.run.out_dir = str(runs / "init"), str(runs / "s0")
+    else:
+        prev = runs / "s0" if index == 1 else runs / chain / STAGES[index - 1]
+        cfg.model.path, cfg.run.out_dir = str(prev / "final"), str(runs / chain / stem)
+        if chain == "full":
+            cfg.model.stage = "full"
+    cfg.schedule.steps = max(1, round(cfg.schedule.steps * steps_scale))
+    cfg.schedule.warmup_steps = min(cfg.schedule.warmup_steps, max(1, cfg.schedule.steps // 10))
+    cfg.checkpoint.every, cfg.run.tensorboard, cfg.run.progress = 0, False, progress
+    return cfg
+
+
+def prepare(root: Path, scale: str, seed: int = 0) -> Path:
+    """The world, the tokenizer trained on its texts, and a random `tiny-llm` checkpoint in root/runs/init."""
+    from monovl.checkpoint import save_model
+    from monovl.config import preset
+    from monovl.scratch import new_model
+    from monovl.tokenizer import build_bpe_tokenizer
+    from monovl.world import generate_world, world_texts
+
+    world = root / "world"
+    generate_world(world, seed=seed, scale=scale)
+    init = root / "runs" / "init"
+    tokenizer = build_bpe_tokenizer(world_texts(world), vocab_size=TOKENIZER_VOCAB[scale], out_dir=init)
+    cfg = preset("tiny-llm", vocab_size=tokenizer.vocab_size)
+    save_model(new_model(cfg, seed=seed), init, tokenizer=tokenizer)
+    return world
+
+
+def reproduce(out_dir, scale: str = "default", steps_scale: float = 1.0, *, eval_limit: int | None = None,
+              progress: bool = True) -> dict:
+    """Train stage 0 → S2 with delta tuning and with full tuning; evaluate after every stage; write the report.
+    Returns {"results": [StageResult...], "final": path of the delta chain's S2 model, "seconds": ...}."""
+    from monovl import load
+    from monovl.eval.bench import load_benchmark
+    from monovl.train.loop import train
+
+    root, t0 = Path(out_dir), time.perf_counter()
+    world = prepare(root, scale)
+    bench = world / "bench"
+    prompts = [item.question for item in load_benchmark(bench / "text.tsv").items[:4]]
+    results, reference, final = [], None, None
+    for chain in ("delta", "full"):
+        for stem in STAGES if chain == "delta" else STAGES[1:]:
+            cfg = stage_config(stem, root, chain, steps_scale, progress)
+            t = time.perf_counter()
+            log.info("%s chain: training %s (%d steps)", chain, stem, cfg.schedule.steps)
+            path = train(cfg)["final"]
+            res = StageResult(chain, stem, train_seconds=time.perf_counter() - t)
+            model, tokenizer = load(path, dtype=torch.float32)
+            res.scores, res.categories = evaluate_model(model, tokenizer, bench, Path(cfg.run.out_dir) / "eval",
+                                                        limit=eval_limit, progress=progress)
+            logits = text_logits(model, tokenizer, prompts)
+            if reference is None:
+                reference = logits
+            res.text_logits_identical = all(torch.equal(a, b) for a, b in zip(logits, reference))
+            res.text_logits_max_diff = max(float((a - b).abs().max()) for a, b in zip(logits, reference))
+            results.append(res)
+            if chain == "delta":
+                final = path
+        if chain == "delta":  # the full chain shares stage 0
+            results.append(StageResult("full", "s0_llm", dict(results[0].scores), dict(results[0].categories),
+                                       True, 0.0, 0.0))
+    seconds = time.perf_counter() - t0
+    write_report(root, results, seconds=seconds, scale=scale, steps_scale=steps_scale)
+    return {"results": results, "final": final, "seconds": seconds}
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _ordered(results: list[StageResult], chain: str) -> list[StageResult]:
+    return sorted((r for r in results if r.chain == chain), key=lambda r: STAGES.index(r.stage))
+
+
+def report_markdown(results: list[StageResult], *, seconds: float, scale: str, steps_scale: float) -> str:
+    lines = ["# monovl demo --reproduce: the tiny Mono-InternVL, trained from scratch", "",
+             f"World scale `{scale}`, steps × {steps_scale:g}, {seconds / 60:.1f} min in all. Visual = mean of the "
+             f"held-out mc / yesno / open benchmarks; chance level {_pct(visual_chance())} % "
+             "(mc 25 %, yes/no 50 %, open 0 %).", ""]
+    for chain, title in (("delta", "Delta tuning (EViP freezing)"), ("full", "Full-tuning ablation")):
+        lines += [f"## {title}", "", "| stage | visual (%) | mc | yesno | open | text (%) | text logits = stage 0 "
+                  "| max abs diff | train s |", "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+        for r in _ordered(results, chain):
+            same = "-" if r.text_logits_identical is None else ("yes" if r.text_logits_identical else "no")
+            diff = "-" if r.text_logits_max_diff is None else f"{r.text_logits_max_diff:.3g}"
+            lines.append(f"| {r.stage} | {_pct(r.visual)} | " + " | ".join(_pct(r.scores.get(b)) for b in
+                         VISUAL_BENCHES) + f" | {_pct(r.scores.get('text'))} | {same} | {diff} | "
+                         f"{r.train_seconds:.0f} |")
+        lines.append("")
+    final = _ordered(results, "delta")[-1]
+    if final.visual is not None:
+        verdict = "meets" if final.visual >= 0.70 else "does NOT meet"
+        lines += [f"Final delta-tuned model: visual {_pct(final.visual)} % (chance {_pct(visual_chance())} %) — "
+                  f"{verdict} the 70 % target.", ""]
+    lines += ["S1.1 and S1.2 freeze the whole LLM, so text-only logits stay bit-identical; S1.3 trains attention "
+              "and S2 everything, so from S1.3 on they may differ (measured above, not assumed).", "",
+              "![visual accuracy](visual.png)", "", "![text accuracy](text.png)", ""]
+    return "\n".join(lines)
+
+
+def write_charts(out: Path, results: list[StageResult]) -> list[Path]:
+    """visual.png (visual accuracy per stage, both chains, chance line) and text.png (text accuracy per stage)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for name, get, chance in (("visual", lambda r: r.visual, visual_chance()),
+                              ("text", lambda r: r.scores.get("text"), None)):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for chain, style in (("delta", "o-"), ("full", "s--")):
+            rs = [r for r in _ordered(results, chain) if get(r) is not None]
+            ax.plot([r.stage for r in rs], [100 * get(r) for r in rs], style, label=f"{chain} tuning")
+        if chance is not None:
+            ax.axhline(100 * chance, color="grey", linestyle=":", label="chance")
+        ax.set_ylabel(f"{name} accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.legend()
+        fig.tight_layout()
+        paths.append(out / f"{name}.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths
+
+
+def write_report(out: Path, results: list[StageResult], *, seconds: float, scale: str, steps_scale: float) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps([dict(vars(r), visual=r.visual) for r in results], indent=2) + "\n")
+    write_charts(out, results)
+    path = out / "report.md"
+    path.write_text(report_markdown(results, seconds=seconds, scale=scale, steps_scale=steps_scale))
+    return path
+
+
+def category_table(scores: dict, cats: dict) -> str:
+    """A Markdown table: one row per category, one column per benchmark (percent)."""
+    names = [b for b in VISUAL_BENCHES + ("text",) if b in scores]
+    rows = sorted({c for b in names for c in cats[b]})
+    lines = ["| category | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names),
+             "| **overall** | " + " | ".join(_pct(scores[b]) for b in names) + " |"]
+    lines += [f"| {c} | " + " | ".join(_pct(cats[b].get(c)) for b in names) + " |" for c in rows]
+    return "\n".join(lines) + "\n"
+
+
+def demo(model_dir=None, out_dir="demo_report", *, write=lambda s: None, limit: int | None = None,
+         examples: int = 3) -> dict:
+    """Evaluate the tiny model on the world's held-out benchmarks, stream answers to a few image questions
+    through `write`, and write out_dir/report.md + categories.png. Returns {"scores", "categories", "report"}."""
+    from monovl import load
+    from monovl.chat import Conversation
+    from monovl.eval.bench import load_benchmark
+    from monovl.world import generate_world
+
+    model_dir, out = Path(model_dir or SHIPPED_MODEL), Path(out_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"no tiny model at {model_dir}: none is shipped yet. Train one from scratch with "
+                                "`monovl demo --reproduce` (then pass its runs/delta/s2/final with --model)")
+    model, tokenizer = load(model_dir, dtype=torch.float32)
+    world = out / "world"
+    if not (world / "bench" / "open.tsv").is_file():  # the small world's held-out images: never trained on
+        generate_world(world, scale="small")
+    scores, cats = evaluate_model(model, tokenizer, world / "bench", out / "eval", limit=limit)
+    table = category_table(scores, cats)
+    visual = sum(scores[b] for b in VISUAL_BENCHES) / len(VISUAL_BENCHES)
+    write(table + f"\nvisual overall {_pct(visual)} % (chance {_pct(visual_chance())} %)\n")
+    lines = []
+    for item in load_benchmark(world / "bench" / "open.tsv").items[:examples]:
+        write(f"\nQ: {item.question}  (reference: {item.answer})\nA: ")
+        answer = "".join(p for p in _stream(Conversation(model, tokenizer, max_tiles=4), item, write))
+        write("\n")
+        lines.append(f"- {item.question} → **{answer.strip()}** (reference: {item.answer})")
+    out.mkdir(parents=True, exist_ok=True)
+    _category_chart(out / "categories.png", cats)
+    report = out / "report.md"
+    report.write_text(f"# monovl demo: {model_dir}\n\nVisual overall {_pct(visual)} % (chance "
+                      f"{_pct(visual_chance())} %).\n\n{table}\n## Example answers\n\n" + "\n".join(lines)
+                      + "\n\n![per-category accuracy](categories.png)\n")
+    return {"scores": scores, "categories": cats, "report": report}
+
+
+def _stream(conv, item, write):
+    for piece in conv.stream(item.question, [item.images[0].load()], max_new_tokens=16):
+        write(piece)
+        yield piece
+
+
+def _category_chart(path: Path, cats: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = [b for b in VISUAL_BENCHES if b in cats]
+    categories = sorted({c for b in names for c in cats[b]})
+    width = 0.8 / max(1, len(names))
+    for k, b in enumerate(names):
+        ax.bar([i + k * width for i in range(len(categories))],
+               [100 * (cats[b].get(c) or 0) for c in categories], width, label=b)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(categories))], categories)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _cmd_demo(args) -> int:
+    if args.reproduce:
+        out = reproduce(args.out, scale=args.scale, steps_scale=args.steps_scale)
+        print((Path(args.out) / "report.md").read_text())
+        print(f"report {Path(args.out) / 'report.md'}; final model {out['final']}; {out['seconds'] / 60:.1f} min")
+        return 0
+    try:
+        result = demo(args.model, args.out, write=lambda s: print(s, end="", flush=True))
+    except FileNotFoundError as e:
+        print(f"error: {e}")
+        return 2
+    print(f"\nreport {result['report']}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add `monovl demo [--reproduce] [--out DIR] [--scale small|default] [--steps-scale F] [--model DIR]`."""
+    p = subparsers.add_parser("demo", help="the tiny model on the bundled benchmarks; --reproduce trains it")
+    p.add_argument("--reproduce", action="store_true", help="train stage 0 → S2 (delta and full tuning) first")
+    p.add_argument("--out", default="demo_report", help="output folder (report, charts, runs)")
+    p.add_argument("--scale", choices=sorted(TOKENIZER_VOCAB), default="default", help="--reproduce: world size")
+    p.add_argument("--steps-scale", type=float, default=1.0, help="--reproduce: multiply every recipe's steps")
+    p.add_argument("--model", help="model folder (default: the shipped tiny model)")
+    p.set_defaults(func=_cmd_demo)

@@ -1,0 +1,71 @@
+"""`monovl demo --reproduce` end to end at the small world scale with a few steps, then `monovl demo` on its model."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import monovl
+from monovl.config import preset
+from monovl.demo import STAGES, demo, reproduce, stage_config, text_logits, visual_chance
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repro")
+    return root, reproduce(root, scale="small", steps_scale=0.01, eval_limit=4, progress=False)
+
+
+def test_tiny_presets_share_one_llm():
+    tiny, llm = preset("tiny"), preset("tiny-llm")
+    assert tiny.num_image_token == 16 and tiny.vision.image_size == 112
+    assert llm.vision is None and not llm.llm.visual_ffn_experts
+    assert {k: v for k, v in vars(tiny.llm).items() if k != "visual_ffn_experts"} == \
+        {k: v for k, v in vars(llm.llm).items() if k != "visual_ffn_experts"}
+
+
+def test_stage_configs_chain_delta_and_full(tmp_path):
+    s0, s11 = stage_config("s0_llm", tmp_path, "delta"), stage_config("s1_1", tmp_path, "full")
+    assert s0.model.preset == "tiny-llm" and s0.data.sources[0]["kind"] == "text"
+    assert s11.model.path == str(tmp_path / "runs/s0/final") and s11.model.stage == "full"
+    delta = stage_config("s1_3", tmp_path, "delta", steps_scale=0.5)
+    assert delta.model.stage == "s1.3" and delta.model.path == str(tmp_path / "runs/delta/s1_2/final")
+    assert delta.schedule.steps == round(stage_config("s1_3", tmp_path, "delta").schedule.steps * 0.5)
+    assert all(Path(s["path"]).is_relative_to(tmp_path / "world") for s in delta.data.sources)
+
+
+def test_reproduce_trains_every_stage_and_keeps_text_logits_through_s1_2(reproduced):
+    root, out = reproduced
+    rows = {(r.chain, r.stage): r for r in out["results"]}
+    assert set(rows) == {(c, s) for c in ("delta", "full") for s in STAGES}
+    for stage in ("s1_1", "s1_2"):  # the LLM is frozen: bit-identical text logits; the ablation breaks them
+        assert rows["delta", stage].text_logits_identical and rows["delta", stage].text_logits_max_diff == 0
+        assert not rows["full", stage].text_logits_identical
+    assert not rows["delta", "s2"].text_logits_identical  # S2 trains everything
+    for r in out["results"]:
+        assert 0 <= r.scores["text"] <= 1
+        assert (r.visual is None) == (r.stage == "s0_llm")
+    model, tokenizer = monovl.load(out["final"])
+    s0, _ = monovl.load(root / "runs/s0/final")
+    assert model.cfg.vision is not None and s0.cfg.vision is None
+    assert torch.equal(text_logits(monovl.load(root / "runs/delta/s1_2/final")[0], tokenizer, ["Hi"])[0],
+                       text_logits(s0, tokenizer, ["Hi"])[0])
+    report = (root / "report.md").read_text()
+    assert "Full-tuning ablation" in report and f"chance level {100 * visual_chance():.1f} %" in report
+    assert (root / "visual.png").read_bytes()[:4] == b"\x89PNG" and (root / "text.png").stat().st_size > 1000
+    assert len(json.loads((root / "results.json").read_text())) == 10
+
+
+def test_demo_streams_answers_and_writes_a_report(reproduced, tmp_path):
+    _, out = reproduced
+    pieces = []
+    result = demo(out["final"], tmp_path / "demo", write=pieces.append, limit=4, examples=2)
+    text = "".join(pieces)
+    assert "| **overall** |" in text and text.count("Q: ") == 2
+    assert set(result["scores"]) == {"mc", "yesno", "open", "text"}
+    assert (tmp_path / "demo/categories.png").is_file() and "Example answers" in result["report"].read_text()
+
+
+def test_demo_without_a_model_points_to_reproduce(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--reproduce"):
+        demo(tmp_path / "missing", tmp_path / "out")
