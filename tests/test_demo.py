@@ -41,6 +41,7 @@ def test_reproduce_trains_every_stage_and_keeps_text_logits_through_s1_2(reprodu
     for stage in ("s1_1", "s1_2"):  # the LLM is frozen: bit-identical text logits; the ablation breaks them
         assert rows["delta", stage].text_logits_identical and rows["delta", stage].text_logits_max_diff == 0
         assert not rows["full", stage].text_logits_identical
+        assert rows["delta", stage].scores["text_lm"] == rows["delta", "s0_llm"].scores["text_lm"]
     assert not rows["delta", "s2"].text_logits_identical  # S2 trains everything
     for r in out["results"]:
         assert 0 <= r.scores["text"] <= 1
@@ -62,7 +63,7 @@ def test_demo_streams_answers_and_writes_a_report(reproduced, tmp_path):
     result = demo(out["final"], tmp_path / "demo", write=pieces.append, limit=4, examples=2)
     text = "".join(pieces)
     assert "| **overall** |" in text and text.count("Q: ") == 2
-    assert set(result["scores"]) == {"mc", "yesno", "open", "text"}
+    assert set(result["scores"]) == {"mc", "yesno", "open", "text", "text_lm"}
     assert (tmp_path / "demo/categories.png").is_file() and "Example answers" in result["report"].read_text()
 
 

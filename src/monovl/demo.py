@@ -58,7 +58,31 @@ def evaluate_model(model, tokenizer, bench_dir: Path, out_dir: Path | None = Non
                      batch_size=16, max_tiles=4, max_new_tokens=16)
         scores[name] = r["overall"]["score"]
         cats[name] = {c: v["score"] for c, v in r["categories"].items()}
+    scores["text_lm"] = text_completion_accuracy(model, tokenizer, bench_dir / "text.tsv", limit=limit)
     return scores, cats
+
+
+def text_completion_accuracy(model, tokenizer, bench_path: Path, *, limit: int | None = None,
+                             batch_size: int = 32) -> float:
+    """Accuracy on the text benchmark asked in the base LLM's own format ("Question: … Answer:", no chat
+    template): the language ability that stage 0 has and delta tuning must keep. Greedy; the answer ends at '.'."""
+    from monovl.eval.bench import load_benchmark
+    from monovl.eval.scoring import normalize_vqa
+    from monovl.generate import generate
+
+    items = load_benchmark(bench_path).items[:limit]
+    hits = 0
+    model.eval()
+    for start in range(0, len(items), batch_size):
+        batch = items[start:start + batch_size]
+        ids = [torch.tensor(tokenizer.encode(f"Question: {it.question} Answer:")) for it in batch]
+        with torch.no_grad():
+            out = generate(model, ids, max_new_tokens=12, stop_token_ids=tokenizer.stop_token_ids)
+        for it, row in zip(batch, out):
+            stops = set(tokenizer.stop_token_ids)
+            text = tokenizer.decode([t for t in row.tolist() if t not in stops]).split(".")[0]
+            hits += normalize_vqa(text) == normalize_vqa(it.answer)
+    return hits / len(items) if items else 0.0
 
 
 def text_logits(model, tokenizer, prompts: list[str]) -> list[torch.Tensor]:
@@ -110,9 +134,10 @@ def prepare(root: Path, scale: str, seed: int = 0) -> Path:
     return world
 
 
-def reproduce(out_dir, scale: str = "default", steps_scale: float = 1.0, *, eval_limit: int | None = None,
+def reproduce(out_dir, scale: str = "default", steps_scale: float = 1.0, *, eval_limit: int | None = 100,
               progress: bool = True) -> dict:
-    """Train stage 0 → S2 with delta tuning and with full tuning; evaluate after every stage; write the report.
+    """Train stage 0 → S2 with delta tuning and with full tuning; evaluate after every stage (the first
+    `eval_limit` questions of each benchmark; None: all); write the report.
     Returns {"results": [StageResult...], "final": path of the delta chain's S2 model, "seconds": ...}."""
     from monovl import load
     from monovl.eval.bench import load_benchmark
@@ -161,15 +186,17 @@ def report_markdown(results: list[StageResult], *, seconds: float, scale: str, s
     lines = ["# monovl demo --reproduce: the tiny Mono-InternVL, trained from scratch", "",
              f"World scale `{scale}`, steps × {steps_scale:g}, {seconds / 60:.1f} min in all. Visual = mean of the "
              f"held-out mc / yesno / open benchmarks; chance level {_pct(visual_chance())} % "
-             "(mc 25 %, yes/no 50 %, open 0 %).", ""]
+             "(mc 25 %, yes/no 50 %, open 0 %). Text, LLM format = the text benchmark asked as the stage-0 corpus "
+             "asks it (`Question: … Answer:`, no chat template): the language ability delta tuning must keep; "
+             "text, chat = the same questions in the chat template (learnt in S2).", ""]
     for chain, title in (("delta", "Delta tuning (EViP freezing)"), ("full", "Full-tuning ablation")):
-        lines += [f"## {title}", "", "| stage | visual (%) | mc | yesno | open | text (%) | text logits = stage 0 "
-                  "| max abs diff | train s |", "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+        lines += [f"## {title}", "", "| stage | visual (%) | mc | yesno | open | text, LLM format (%) | text, chat (%) "
+                  "| text logits = stage 0 | max abs diff | train s |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
         for r in _ordered(results, chain):
             same = "-" if r.text_logits_identical is None else ("yes" if r.text_logits_identical else "no")
             diff = "-" if r.text_logits_max_diff is None else f"{r.text_logits_max_diff:.3g}"
             lines.append(f"| {r.stage} | {_pct(r.visual)} | " + " | ".join(_pct(r.scores.get(b)) for b in
-                         VISUAL_BENCHES) + f" | {_pct(r.scores.get('text'))} | {same} | {diff} | "
+                         VISUAL_BENCHES) + f" | {_pct(r.scores.get('text_lm'))} | {_pct(r.scores.get('text'))} | {same} | {diff} | "
                          f"{r.train_seconds:.0f} |")
         lines.append("")
     final = _ordered(results, "delta")[-1]
@@ -192,7 +219,7 @@ def write_charts(out: Path, results: list[StageResult]) -> list[Path]:
 
     paths = []
     for name, get, chance in (("visual", lambda r: r.visual, visual_chance()),
-                              ("text", lambda r: r.scores.get("text"), None)):
+                              ("text", lambda r: r.scores.get("text_lm"), None)):
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for chain, style in (("delta", "o-"), ("full", "s--")):
             rs = [r for r in _ordered(results, chain) if get(r) is not None]
@@ -294,7 +321,8 @@ def _category_chart(path: Path, cats: dict) -> None:
 
 def _cmd_demo(args) -> int:
     if args.reproduce:
-        out = reproduce(args.out, scale=args.scale, steps_scale=args.steps_scale)
+        out = reproduce(args.out, scale=args.scale, steps_scale=args.steps_scale,
+                        eval_limit=args.eval_limit or None)
         print((Path(args.out) / "report.md").read_text())
         print(f"report {Path(args.out) / 'report.md'}; final model {out['final']}; {out['seconds'] / 60:.1f} min")
         return 0
@@ -314,5 +342,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="demo_report", help="output folder (report, charts, runs)")
     p.add_argument("--scale", choices=sorted(TOKENIZER_VOCAB), default="default", help="--reproduce: world size")
     p.add_argument("--steps-scale", type=float, default=1.0, help="--reproduce: multiply every recipe's steps")
+    p.add_argument("--eval-limit", type=int, default=100,
+                   help="--reproduce: questions per benchmark after each stage (0: all)")
     p.add_argument("--model", help="model folder (default: the shipped tiny model)")
     p.set_defaults(func=_cmd_demo)
