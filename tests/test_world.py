@@ -103,6 +103,20 @@ def test_conversations_format(world):
     first = next(r["image"] for r in _jsonl(world / "s2/conversations.jsonl") if isinstance(r.get("image"), str))
     assert (world / "s2" / meta["root"] / first).is_file()  # root: relative to the meta file
     assert all(set(r) == {"text"} and r["text"] for r in _jsonl(world / "text/corpus.jsonl"))
+    chat = [t for r in _jsonl(world / "text/chat.jsonl") for t in r["conversations"]]
+    assert chat and not any("<image>" in t["value"] for t in chat)
+    answers = {t["value"] for t in chat if t["from"] == "gpt"}
+    assert {"Yes", "No"} & answers and set("ABCD") & answers  # the stage formats, learnt before any image
+
+
+def test_tokenizer_on_world_texts_keeps_the_template_short(world, tmp_path):
+    from monovl.template import DEFAULT_SYSTEM_MESSAGE
+    from monovl.tokenizer import build_bpe_tokenizer
+    from monovl.world import world_texts
+
+    tokenizer = build_bpe_tokenizer(world_texts(world), 512, tmp_path)
+    # the system message that every rendered sample carries: a few ids, not ~170 byte-level ones
+    assert len(tokenizer.encode(DEFAULT_SYSTEM_MESSAGE)) < len(DEFAULT_SYSTEM_MESSAGE.encode()) / 10
 
 
 def test_benchmarks_vlmevalkit_tsv(world):

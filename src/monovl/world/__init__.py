@@ -8,6 +8,7 @@
     s1_3/conversations.jsonl (+ meta.json)          task data: colour/shape/count/position/OCR/grounding (S1.3)
     s2/conversations.jsonl, s2/meta.json            multi-turn, multi-image and text-only instructions (S2)
     text/corpus.jsonl                               invented facts, arithmetic, descriptions (base LLM)
+    text/chat.jsonl                                 text-only chat in the stage formats (the base LLM's tuning)
     */heldout.jsonl                                 held-out split of each of the above
     bench/{mc,yesno,open,text}.tsv                  VLMEvalKit benchmarks on held-out images / facts
     world.json                                      manifest: seed, scale, vocabulary, counts, paths
@@ -41,16 +42,17 @@ class WorldScale:
     s1_3: int  # conversations
     s2: int
     text: int  # corpus lines
+    chat: int  # text-only chat conversations (stage 0)
     heldout: int  # held-out samples per stage
     bench: int  # rows per visual benchmark
     shard_size: int
 
 
 SCALES = {
-    "small": WorldScale(train_images=24, heldout_images=12, s1_3=40, s2=30, text=80, heldout=8, bench=20,
-                        shard_size=10),
-    "default": WorldScale(train_images=3000, heldout_images=300, s1_3=6000, s2=3000, text=8000, heldout=200,
-                          bench=300, shard_size=500),
+    "small": WorldScale(train_images=24, heldout_images=12, s1_3=40, s2=30, text=80, chat=40, heldout=8,
+                        bench=20, shard_size=10),
+    "default": WorldScale(train_images=3000, heldout_images=300, s1_3=6000, s2=3000, text=8000, chat=4000,
+                          heldout=200, bench=300, shard_size=500),
 }
 
 
@@ -202,6 +204,9 @@ def generate_world(out_dir: str | Path, *, seed: int = 0, scale: str = "default"
     r = rng("text")
     kinds = r.choices(("fact", "arithmetic", "scene"), weights=(4, 3, 3), k=sc.text)
     jsonl("text", "text/corpus.jsonl", ({"text": D.corpus_line(k, facts, sums, r)} for k in kinds))
+    r = rng("chat")
+    jsonl("chat", "text/chat.jsonl", ({"id": f"chat-{k:06d}", "conversations": D.chat_conversation(facts, sums, r)}
+                                      for k in range(sc.chat)))
     r = rng("text_heldout")
     jsonl("text_heldout", "text/heldout.jsonl",
           ({"text": D.corpus_line(k, facts, held_sums, r, heldout=True)} for k in kinds[:sc.heldout]))
@@ -229,14 +234,19 @@ def generate_world(out_dir: str | Path, *, seed: int = 0, scale: str = "default"
 
 
 def world_texts(out_dir: str | Path) -> Iterator[str]:
-    """Every training text of a generated world (captions, conversation turns, corpus), for the tokenizer."""
+    """Every training text of a generated world (captions, conversation turns, corpus), for the tokenizer; each
+    image sample also gives the chat template's default system message, which the trainer renders into it."""
+    from monovl.template import DEFAULT_SYSTEM_MESSAGE
+
     out = Path(out_dir)
     for rel in ("s1_1/pairs.jsonl", "s1_2/pairs.jsonl"):
         with open(out / rel, encoding="utf-8") as f:
-            yield from (json.loads(line)["caption"] for line in f)
-    for rel in ("s1_3/conversations.jsonl", "s2/conversations.jsonl"):
+            for line in f:
+                yield from (DEFAULT_SYSTEM_MESSAGE, json.loads(line)["caption"])
+    for rel in ("s1_3/conversations.jsonl", "s2/conversations.jsonl", "text/chat.jsonl"):
         with open(out / rel, encoding="utf-8") as f:
             for line in f:
+                yield DEFAULT_SYSTEM_MESSAGE
                 for turn in json.loads(line)["conversations"]:
                     yield turn["value"].replace("<image>\n", "").replace("<image>", "")
     with open(out / "text/corpus.jsonl", encoding="utf-8") as f:

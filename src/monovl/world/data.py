@@ -151,6 +151,10 @@ def _name(rng: random.Random, used: set[str]) -> str:
             return name
 
 
+FACTS_PER_LAND = 6  # invent_facts gives each land's facts in this order: capital, flag colour, flag shape, animal,
+#                    the animal's kind, its colour
+
+
 def invent_facts(rng: random.Random, *, lands: int = 6) -> list[Fact]:
     """Facts about invented lands (capital, flag colour, flag shape, animal) and animals (kind, colour)."""
     used: set[str] = set()
@@ -255,6 +259,44 @@ def s2_conversation(scenes: list[Scene], facts: list[Fact], sums: list[tuple[str
     if len(scenes) == 2:
         return _conv([multi_image_turn(scenes, rng) for _ in range(turns)], _image(2))
     return _conv([_turn(scenes[0], rng) for _ in range(turns)], _image(1))
+
+
+def chat_conversation(facts: list[Fact], sums: list[tuple[str, str]], rng: random.Random) -> list[dict]:
+    """A text-only chat sample for stage 0, the base LLM's own instruction tuning (as internlm2-chat had before
+    Mono-InternVL froze it): fact and sum questions in the short, yes/no and multiple-choice formats the visual
+    stages use, picture descriptions on request, and questions about a picture described in words (reading
+    comprehension: the in-context look-up that the visual tokens later feed) — so the frozen LLM already knows the
+    template, the answer formats and how to answer from context, and the visual stages only teach it to see."""
+    turns = []
+    for _ in range(rng.randint(1, 3)):
+        roll = rng.random()
+        if roll < 0.5:
+            scene = sample_scene(rng)
+            q, a = _turn(scene, rng, caption=False, grounded=False)
+            turns.append((f"Here is a picture: {describe(scene)}\n{q}", a))
+            continue
+        roll = rng.random()
+        if roll < 0.15:
+            turns.append((rng.choice(("Describe a picture.", "Describe a picture of shapes in detail.")),
+                          describe(sample_scene(rng))))
+            continue
+        if rng.random() < 0.5:
+            i = rng.randrange(len(facts))
+            q, a = facts[i].question, facts[i].answer
+            pool = sorted({f.answer for j, f in enumerate(facts) if j % FACTS_PER_LAND == i % FACTS_PER_LAND} - {a})
+        else:
+            q, a = rng.choice(sums)
+            pool = [str(int(a) + d) for d in (-3, -2, -1, 1, 2, 3)]
+        if roll < 0.35 and pool:
+            yes = rng.random() < 0.5
+            turns.append((f"{q} Is it {a if yes else rng.choice(pool)}?" + YESNO, "Yes" if yes else "No"))
+        elif roll < 0.5 and len(pool) >= 3:
+            options = rng.sample(pool, 3) + [a]
+            rng.shuffle(options)
+            turns.append((mc_prompt(q, options), LETTERS[options.index(a)]))
+        else:
+            turns.append((q + SHORT if rng.random() < 0.5 else q, a))
+    return _conv(turns, "")
 
 
 def corpus_line(kind: str, facts: list[Fact], sums: list[tuple[str, str]], rng: random.Random, *,
