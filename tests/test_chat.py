@@ -1,6 +1,7 @@
 """The user's entry points: monovl.load / chat / Conversation and the `monovl` CLI, on tiny checkpoints."""
 import io
 import json
+from pathlib import Path
 import sys
 
 import pytest
@@ -95,9 +96,14 @@ def test_cli_errors_are_clear(ckpt, tmp_path, capsys):
     assert "not a checkpoint folder" in capsys.readouterr().err
 
 
-def test_default_model_is_created_once(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("MONOVL_HOME", str(tmp_path))
-    assert main(["chat", "--prompt", "hi", "--max-new-tokens", "2"]) == 0
-    assert "RANDOMLY INITIALISED" in capsys.readouterr().err
-    cfg = json.loads((tmp_path / "random-debug" / "config.json").read_text())
-    assert cfg["architectures"] == ["InternVLChatModel"]
+def test_default_model_is_the_shipped_tiny_model(capsys, monkeypatch, tmp_path):
+    from monovl.demo import SHIPPED_MODEL
+
+    image = str(Path(__file__).resolve().parents[1] / "examples" / "shapes.png")
+    assert main(["chat", "--image", image, "--prompt", "How many shapes are there in the picture?",
+                 "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert json.loads((SHIPPED_MODEL / "config.json").read_text())["architectures"] == ["InternVLChatModel"]
+    monkeypatch.setattr("monovl.demo.SHIPPED_MODEL", tmp_path / "missing")
+    assert main(["chat", "--prompt", "hi"]) == 2
+    assert "--reproduce" in capsys.readouterr().err

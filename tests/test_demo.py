@@ -7,7 +7,7 @@ import torch
 
 import monovl
 from monovl.config import preset
-from monovl.demo import STAGES, demo, reproduce, stage_config, text_logits, visual_chance
+from monovl.demo import SHIPPED_MODEL, STAGES, demo, reproduce, stage_config, text_logits, visual_chance
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +70,11 @@ def test_demo_streams_answers_and_writes_a_report(reproduced, tmp_path):
 def test_demo_without_a_model_points_to_reproduce(tmp_path):
     with pytest.raises(FileNotFoundError, match="--reproduce"):
         demo(tmp_path / "missing", tmp_path / "out")
+
+
+def test_shipped_model_is_small_and_in_release_format():
+    assert sum(p.stat().st_size for p in SHIPPED_MODEL.iterdir()) <= 25 * 2**20
+    model, tokenizer = monovl.load(SHIPPED_MODEL)
+    assert model.cfg.vision.image_size == 112 and model.cfg.llm.visual_ffn_experts
+    assert model.cfg.image_token_id == tokenizer.img_context_id
+    assert json.loads((SHIPPED_MODEL / "config.json").read_text())["architectures"] == ["InternVLChatModel"]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -25,15 +24,14 @@ def _dtype(name: str | None):
 
 
 def default_model_dir() -> Path:
-    """The model `monovl chat` runs without --model: a random tiny checkpoint, created on first use."""
-    from monovl.scratch import write_random_checkpoint
+    """The model `monovl chat` / `monovl demo` run without --model: the tiny model shipped with monovl, trained
+    from scratch on the synthetic world by `monovl demo --reproduce` (see the README)."""
+    from monovl.demo import SHIPPED_MODEL
 
-    path = Path(os.environ.get("MONOVL_HOME", Path.home() / ".cache" / "monovl")) / "random-debug"
-    if not (path / "config.json").exists():
-        write_random_checkpoint(path)
-    print(f"note: no --model given; using a RANDOMLY INITIALISED tiny checkpoint at {path} "
-          "(it exercises the whole pipeline, but its answers are meaningless)", file=sys.stderr)
-    return path
+    if not (SHIPPED_MODEL / "config.json").is_file():
+        raise FileNotFoundError(f"the shipped tiny model is missing from {SHIPPED_MODEL}; pass --model DIR, or "
+                                "train it with `monovl demo --reproduce --out DIR` (then --model DIR/final)")
+    return SHIPPED_MODEL
 
 
 def _generation_kwargs(args) -> dict:
