@@ -188,7 +188,7 @@ def report_markdown(results: list[StageResult], *, seconds: float, scale: str, s
              f"held-out mc / yesno / open benchmarks; chance level {_pct(visual_chance())} % "
              "(mc 25 %, yes/no 50 %, open 0 %). Text, LLM format = the text benchmark asked as the stage-0 corpus "
              "asks it (`Question: … Answer:`, no chat template): the language ability delta tuning must keep; "
-             "text, chat = the same questions in the chat template (learnt in S2).", ""]
+             "text, chat = the same questions in the chat template (stage 0 learns it from the world's text-only chat).", ""]
     for chain, title in (("delta", "Delta tuning (EViP freezing)"), ("full", "Full-tuning ablation")):
         lines += [f"## {title}", "", "| stage | visual (%) | mc | yesno | open | text, LLM format (%) | text, chat (%) "
                   "| text logits = stage 0 | max abs diff | train s |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
