@@ -49,6 +49,7 @@ def test_reproduce_trains_every_stage_and_keeps_text_logits_through_s1_2(reprodu
     model, tokenizer = monovl.load(out["final"])
     s0, _ = monovl.load(root / "runs/s0/final")
     assert model.cfg.vision is not None and s0.cfg.vision is None
+    assert model.cfg.max_dynamic_patch == preset("tiny").max_dynamic_patch  # monolithize keeps the preset's budget
     assert torch.equal(text_logits(monovl.load(root / "runs/delta/s1_2/final")[0], tokenizer, ["Hi"])[0],
                        text_logits(s0, tokenizer, ["Hi"])[0])
     report = (root / "report.md").read_text()
@@ -76,5 +77,6 @@ def test_shipped_model_is_small_and_in_release_format():
     assert sum(p.stat().st_size for p in SHIPPED_MODEL.iterdir()) <= 25 * 2**20
     model, tokenizer = monovl.load(SHIPPED_MODEL)
     assert model.cfg.vision.image_size == 112 and model.cfg.llm.visual_ffn_experts
+    assert model.cfg.max_dynamic_patch == preset("tiny").max_dynamic_patch == 4  # the tile budget it trained with
     assert model.cfg.image_token_id == tokenizer.img_context_id
     assert json.loads((SHIPPED_MODEL / "config.json").read_text())["architectures"] == ["InternVLChatModel"]

@@ -188,16 +188,18 @@ def report_markdown(results: list[StageResult], *, seconds: float, scale: str, s
              f"held-out mc / yesno / open benchmarks; chance level {_pct(visual_chance())} % "
              "(mc 25 %, yes/no 50 %, open 0 %). Text, LLM format = the text benchmark asked as the stage-0 corpus "
              "asks it (`Question: … Answer:`, no chat template): the language ability delta tuning must keep; "
-             "text, chat = the same questions in the chat template (stage 0 learns it from the world's text-only chat).", ""]
+             "text, chat = the same questions in the chat template (stage 0 learns it from the world's text-only "
+             "chat).", ""]
     for chain, title in (("delta", "Delta tuning (EViP freezing)"), ("full", "Full-tuning ablation")):
-        lines += [f"## {title}", "", "| stage | visual (%) | mc | yesno | open | text, LLM format (%) | text, chat (%) "
-                  "| text logits = stage 0 | max abs diff | train s |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+        lines += [f"## {title}", "", "| stage | visual (%) | mc | yesno | open | text, LLM format (%) "
+                  "| text, chat (%) | text logits = stage 0 | max abs diff | train s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
         for r in _ordered(results, chain):
             same = "-" if r.text_logits_identical is None else ("yes" if r.text_logits_identical else "no")
             diff = "-" if r.text_logits_max_diff is None else f"{r.text_logits_max_diff:.3g}"
-            lines.append(f"| {r.stage} | {_pct(r.visual)} | " + " | ".join(_pct(r.scores.get(b)) for b in
-                         VISUAL_BENCHES) + f" | {_pct(r.scores.get('text_lm'))} | {_pct(r.scores.get('text'))} | {same} | {diff} | "
-                         f"{r.train_seconds:.0f} |")
+            cells = [r.stage, _pct(r.visual), *(_pct(r.scores.get(b)) for b in VISUAL_BENCHES),
+                     _pct(r.scores.get("text_lm")), _pct(r.scores.get("text")), same, diff, f"{r.train_seconds:.0f}"]
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     final = _ordered(results, "delta")[-1]
     if final.visual is not None:

@@ -100,6 +100,7 @@ def build_model(cfg: TrainConfig, device: torch.device):
 
             model, tokenizer = monolithize(model, tokenizer, vision=geometry.vision,
                                            downsample_ratio=geometry.downsample_ratio,
+                                           max_dynamic_patch=geometry.max_dynamic_patch,
                                            visual_attention_experts=m.attention_experts, seed=m.seed)
             model = model.to(device)
         return model.train(), tokenizer

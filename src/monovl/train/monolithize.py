@@ -78,8 +78,8 @@ def _source_name(name: str, src_names: set[str]) -> str:
 
 @torch.no_grad()
 def monolithize(llm_model: MonoInternVL, llm_tokenizer: Tokenizer, *, vision: VisionConfig | None = None,
-                downsample_ratio: float = 0.5, visual_attention_experts: bool = False, out_tokenizer_dir=None,
-                seed: int = 0, std: float = 0.02) -> tuple[MonoInternVL, Tokenizer]:
+                downsample_ratio: float = 0.5, max_dynamic_patch: int = 12, visual_attention_experts: bool = False,
+                out_tokenizer_dir=None, seed: int = 0, std: float = 0.02) -> tuple[MonoInternVL, Tokenizer]:
     """A Mono-InternVL model and tokenizer from an InternLM2 LLM (as `monovl.load_model` returns it)."""
     src_cfg = llm_model.cfg
     if src_cfg.vision is not None:
@@ -98,7 +98,8 @@ def monolithize(llm_model: MonoInternVL, llm_tokenizer: Tokenizer, *, vision: Vi
                               visual_attention_experts=visual_attention_experts)
     hf_llm = {k: v for k, v in copy.deepcopy(src_cfg.hf).items() if k not in _LLM_ONLY_FIELDS}
     cfg = ModelConfig(llm=llm, vision=copy.deepcopy(vision), downsample_ratio=downsample_ratio,
-                      image_token_id=tokenizer.img_context_id, hf={"llm_config": hf_llm},
+                      max_dynamic_patch=max_dynamic_patch, image_token_id=tokenizer.img_context_id,
+                      hf={"llm_config": hf_llm},
                       generation=copy.deepcopy(src_cfg.generation))
     src = dict(llm_model.named_parameters())
     src_names = set(src)
