@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("chat", help="chat with a checkpoint (one answer with --prompt, else interactive)")
-    c.add_argument("--model", help="checkpoint folder (default: a random tiny model, see README)")
+    c.add_argument("--model", help="checkpoint folder (default: the shipped tiny model, see README)")
     c.add_argument("--image", action="append", default=[], help="image file for the first message (repeatable)")
     c.add_argument("--prompt", help="answer this one message and exit")
     c.add_argument("--system", help="system message (default: the template's)")

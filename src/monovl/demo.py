@@ -71,7 +71,7 @@ def text_completion_accuracy(model, tokenizer, bench_path: Path, *, limit: int |
     from monovl.generate import generate
 
     items = load_benchmark(bench_path).items[:limit]
-    hits = 0
+    hits, stops = 0, set(tokenizer.stop_token_ids)
     model.eval()
     for start in range(0, len(items), batch_size):
         batch = items[start:start + batch_size]
@@ -79,7 +79,6 @@ def text_completion_accuracy(model, tokenizer, bench_path: Path, *, limit: int |
         with torch.no_grad():
             out = generate(model, ids, max_new_tokens=12, stop_token_ids=tokenizer.stop_token_ids)
         for it, row in zip(batch, out):
-            stops = set(tokenizer.stop_token_ids)
             text = tokenizer.decode([t for t in row.tolist() if t not in stops]).split(".")[0]
             hits += normalize_vqa(text) == normalize_vqa(it.answer)
     return hits / len(items) if items else 0.0
@@ -268,8 +267,8 @@ def demo(model_dir=None, out_dir="demo_report", *, write=lambda s: None, limit: 
 
     model_dir, out = Path(model_dir or SHIPPED_MODEL), Path(out_dir)
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"no tiny model at {model_dir}: none is shipped yet. Train one from scratch with "
-                                "`monovl demo --reproduce` (then pass its runs/delta/s2/final with --model)")
+        raise FileNotFoundError(f"no model at {model_dir} (no config.json). Train the tiny model from scratch with "
+                                "`monovl demo --reproduce --out DIR`, then pass --model DIR/runs/delta/s2/final")
     model, tokenizer = load(model_dir, dtype=torch.float32)
     world = out / "world"
     if not (world / "bench" / "open.tsv").is_file():  # the small world's held-out images: never trained on
@@ -328,11 +327,7 @@ def _cmd_demo(args) -> int:
         print((Path(args.out) / "report.md").read_text())
         print(f"report {Path(args.out) / 'report.md'}; final model {out['final']}; {out['seconds'] / 60:.1f} min")
         return 0
-    try:
-        result = demo(args.model, args.out, write=lambda s: print(s, end="", flush=True))
-    except FileNotFoundError as e:
-        print(f"error: {e}")
-        return 2
+    result = demo(args.model, args.out, write=lambda s: print(s, end="", flush=True))  # main() reports errors
     print(f"\nreport {result['report']}")
     return 0
 
