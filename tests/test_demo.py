@@ -29,16 +29,16 @@ def test_stage_configs_chain_delta_and_full(tmp_path):
     assert s0.model.preset == "tiny-llm" and s0.data.sources[0]["kind"] == "text"
     assert s11.model.path == str(tmp_path / "runs/s0/final") and s11.model.stage == "full"
     delta = stage_config("s1_3", tmp_path, "delta", steps_scale=0.5)
-    assert delta.model.stage == "s1.3" and delta.model.path == str(tmp_path / "runs/delta/s1_2/final")
+    assert delta.model.stage == "s1.3++" and delta.model.path == str(tmp_path / "runs/delta/s1_2/final")
     assert delta.schedule.steps == round(stage_config("s1_3", tmp_path, "delta").schedule.steps * 0.5)
     assert all(Path(s["path"]).is_relative_to(tmp_path / "world") for s in delta.data.sources)
 
 
-def test_reproduce_trains_every_stage_and_keeps_text_logits_through_s1_2(reproduced):
+def test_reproduce_trains_every_stage_and_keeps_text_logits_through_s1_3(reproduced):
     root, out = reproduced
     rows = {(r.chain, r.stage): r for r in out["results"]}
     assert set(rows) == {(c, s) for c in ("delta", "full") for s in STAGES}
-    for stage in ("s1_1", "s1_2"):  # the LLM is frozen: bit-identical text logits; the ablation breaks them
+    for stage in ("s1_1", "s1_2", "s1_3"):  # the LLM is frozen: bit-identical text logits; the ablation breaks them
         assert rows["delta", stage].text_logits_identical and rows["delta", stage].text_logits_max_diff == 0
         assert not rows["full", stage].text_logits_identical
         assert rows["delta", stage].scores["text_lm"] == rows["delta", "s0_llm"].scores["text_lm"]
@@ -50,7 +50,7 @@ def test_reproduce_trains_every_stage_and_keeps_text_logits_through_s1_2(reprodu
     s0, _ = monovl.load(root / "runs/s0/final")
     assert model.cfg.vision is not None and s0.cfg.vision is None
     assert model.cfg.max_dynamic_patch == preset("tiny").max_dynamic_patch  # monolithize keeps the preset's budget
-    assert torch.equal(text_logits(monovl.load(root / "runs/delta/s1_2/final")[0], tokenizer, ["Hi"])[0],
+    assert torch.equal(text_logits(monovl.load(root / "runs/delta/s1_3/final")[0], tokenizer, ["Hi"])[0],
                        text_logits(s0, tokenizer, ["Hi"])[0])
     report = (root / "report.md").read_text()
     assert "Full-tuning ablation" in report and f"chance level {100 * visual_chance():.1f} %" in report
@@ -77,6 +77,7 @@ def test_shipped_model_is_small_and_in_release_format():
     assert sum(p.stat().st_size for p in SHIPPED_MODEL.iterdir()) <= 25 * 2**20
     model, tokenizer = monovl.load(SHIPPED_MODEL)
     assert model.cfg.vision.image_size == 112 and model.cfg.llm.visual_ffn_experts
+    assert model.cfg.llm.visual_attention_experts and model.cfg.vision.hidden_size == preset("tiny").vision.hidden_size
     assert model.cfg.max_dynamic_patch == preset("tiny").max_dynamic_patch == 4  # the tile budget it trained with
     assert model.cfg.image_token_id == tokenizer.img_context_id
     assert json.loads((SHIPPED_MODEL / "config.json").read_text())["architectures"] == ["InternVLChatModel"]

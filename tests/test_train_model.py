@@ -34,7 +34,7 @@ def _expected(stage, attention_experts):
         experts += [f"{p}attention_ve.{w}.weight" for p in layers for w in ("wqkv", "wo")]
     attention = [f"{p}attention.{w}.weight" for p in layers for w in ("wqkv", "wo")]
     return {"s1.1": set(vision + experts), "s1.2": set(vision + experts),
-            "s1.3": set(vision + experts + attention)}[stage]
+            "s1.3": set(vision + experts + attention), "s1.3++": set(vision + experts)}[stage]
 
 
 @pytest.mark.parametrize("attention_experts", [False, True], ids=["v1", "v1.5"])
@@ -46,9 +46,14 @@ def test_exact_trainable_set_per_stage(attention_experts):
         assert set(trainable_names(model)) == _expected(stage, attention_experts), stage
         frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
         assert frozen == every - _expected(stage, attention_experts)
+    if attention_experts:  # EViP++ alignment learning: the text weights stay frozen
+        assert set(trainable_names(freeze(model, "s1.3++"))) == _expected("s1.3++", True)
+    else:
+        with pytest.raises(ValueError, match="attention experts"):
+            freeze(model, "s1.3++")
     for stage in ("s2", "full"):
         assert set(trainable_names(freeze(model, stage))) == every
-    assert set(STAGES) == {"s1.1", "s1.2", "s1.3", "s2", "full"}
+    assert set(STAGES) == {"s1.1", "s1.2", "s1.3", "s1.3++", "s2", "full"}
 
 
 def test_freeze_logs_counts(caplog):

@@ -3,6 +3,9 @@
 Patterns are `fnmatch` patterns over `named_parameters()` names (the checkpoint's names). EViP / EViP++:
 S1.1 and S1.2 train the patch embedding, `mlp1` and the visual experts with the whole LLM frozen, so a
 text-only prompt keeps bit-identical logits; S1.3 also trains the LLM's attention; S2 trains everything.
+`s1.3++` is S1.3 for a model with attention experts (EViP++, v1.5) as the tiny recipes train it: visual tokens
+already have trainable attention of their own, so the text weights stay frozen and text-only logits stay
+bit-identical through S1.3 too (our choice; the paper's exact S1.3 trainable set for v1.5 is not confirmed here).
 `full` (everything, from the start) is the ablation that breaks the invariant.
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ STAGES: dict[str, list[str]] = {
     "s1.1": _VISUAL,  # concept learning
     "s1.2": _VISUAL,  # semantic learning
     "s1.3": _VISUAL + ["*.attention.*"],  # alignment learning: + the LLM's (text) attention
+    "s1.3++": _VISUAL,  # alignment learning with attention experts: the text weights stay frozen
     "s2": ["*"],  # instruction tuning
     "full": ["*"],  # ablation: full tuning from S1.1 on
 }
@@ -50,6 +54,9 @@ def freeze(model: nn.Module, stage_or_patterns: str | Sequence[str]) -> nn.Modul
     if unmatched:
         raise ValueError(f"freeze pattern(s) {unmatched} match no parameter of this model "
                          f"(names look like {names[:3]} …)")
+    if stage_or_patterns == "s1.3++" and not any(".attention_ve." in n for n in names):
+        raise ValueError("stage s1.3++ keeps the text attention frozen, which is for models with attention experts "
+                         "(EViP++); this model has none: use stage s1.3")
     counts = {True: 0, False: 0}
     tensors = {True: 0, False: 0}
     for name, p in model.named_parameters():
