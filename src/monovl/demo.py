@@ -205,8 +205,9 @@ def report_markdown(results: list[StageResult], *, seconds: float, scale: str, s
         verdict = "meets" if final.visual >= 0.70 else "does NOT meet"
         lines += [f"Final delta-tuned model: visual {_pct(final.visual)} % (chance {_pct(visual_chance())} %) — "
                   f"{verdict} the 70 % target.", ""]
-    lines += ["S1.1 and S1.2 freeze the whole LLM, so text-only logits stay bit-identical; S1.3 trains attention "
-              "and S2 everything, so from S1.3 on they may differ (measured above, not assumed).", "",
+    lines += ["S1.1, S1.2 and S1.3 (stage `s1.3++`: the tiny model has attention experts, EViP++, so its visual "
+              "tokens train attention of their own) freeze the whole LLM, so text-only logits should stay "
+              "bit-identical; S2 trains everything. The table measures it rather than assuming it.", "",
               "![visual accuracy](visual.png)", "", "![text accuracy](text.png)", ""]
     return "\n".join(lines)
 
