@@ -52,8 +52,12 @@ def test_reproduce_trains_every_stage_and_keeps_text_logits_through_s1_3(reprodu
     assert model.cfg.max_dynamic_patch == preset("tiny").max_dynamic_patch  # monolithize keeps the preset's budget
     assert torch.equal(text_logits(monovl.load(root / "runs/delta/s1_3/final")[0], tokenizer, ["Hi"])[0],
                        text_logits(s0, tokenizer, ["Hi"])[0])
+    assert set(rows["delta", "s0_llm"].reading) == {"mc", "yesno", "open"}  # stage 0 reads the captioned benchmarks
+    assert all(0 <= v <= 1 for v in rows["delta", "s0_llm"].reading.values())
+    assert not rows["delta", "s1_1"].reading
     report = (root / "report.md").read_text()
-    assert "Full-tuning ablation" in report and f"chance level {100 * visual_chance():.1f} %" in report
+    assert "Reading reference" in report and "Full-tuning ablation" in report
+    assert f"chance level {100 * visual_chance():.1f} %" in report
     assert (root / "visual.png").read_bytes()[:4] == b"\x89PNG" and (root / "text.png").stat().st_size > 1000
     assert len(json.loads((root / "results.json").read_text())) == 10
 

@@ -44,7 +44,8 @@ def test_same_seed_same_bytes_other_seed_differs(world, tmp_path):
     result = generate_world(tmp_path / "again", seed=0, scale="small")
     assert _hashes(world) == _hashes(tmp_path / "again")
     assert set(result["paths"]) >= {"s1_1", "s1_1_shards", "s1_2", "s1_3", "s2", "s2_meta", "text", "text_heldout",
-                                    "bench_mc", "bench_yesno", "bench_open", "bench_text", "manifest"}
+                                    "bench_mc", "bench_yesno", "bench_open", "bench_text", "manifest",
+                                    "bench_described_mc", "bench_described_yesno", "bench_described_open"}
     generate_world(tmp_path / "other", seed=1, scale="small")
     other = _hashes(tmp_path / "other")
     assert other.keys() == _hashes(world).keys()
@@ -140,6 +141,25 @@ def test_benchmarks_vlmevalkit_tsv(world):
     corpus = (world / "text/corpus.jsonl").read_text()
     assert all(r["answer"] in corpus for r in text if r["category"] == "fact")  # facts are learnable
     base64.b64decode(mc[0]["image"], validate=True)
+
+
+def test_described_benchmarks_ask_the_same_questions_of_the_caption(world):
+    captions = {(world / "s1_2" / row["image"]).resolve().read_bytes(): row["caption"]
+                for row in _jsonl(world / "s1_2/heldout.jsonl")}  # held-out image → its accurate caption
+    checked = 0
+    for kind in ("mc", "yesno", "open"):
+        rows, described = _tsv(world / f"bench/{kind}.tsv"), _tsv(world / f"bench/described/{kind}.tsv")
+        assert len(rows) == len(described) and "image" not in described[0]
+        for r, d in zip(rows, described):
+            assert {k: v for k, v in r.items() if k not in ("image", "question")} == \
+                {k: v for k, v in d.items() if k != "question"}
+            caption, question = d["question"].removeprefix("Here is a picture: ").split("\n")
+            assert question == r["question"]
+            png = base64.b64decode(r["image"] if len(r["image"]) > 64 else rows[int(r["image"])]["image"])
+            if png in captions:
+                assert caption == captions[png]
+                checked += 1
+    assert checked > 0
 
 
 def test_answers_match_the_pixels():

@@ -11,6 +11,7 @@
     text/chat.jsonl                                 text-only chat in the stage formats (the base LLM's tuning)
     */heldout.jsonl                                 held-out split of each of the above
     bench/{mc,yesno,open,text}.tsv                  VLMEvalKit benchmarks on held-out images / facts
+    bench/described/{mc,yesno,open}.tsv             the visual benchmarks with each image given as its caption
     world.json                                      manifest: seed, scale, vocabulary, counts, paths
 """
 from __future__ import annotations
@@ -118,12 +119,15 @@ def _write_images(folder: Path, scenes: list[Scene]) -> list[bytes]:
     return pngs
 
 
-def _visual_bench(kind: str, scenes: list[Scene], pngs: list[bytes], n: int, rng: random.Random) -> list[dict]:
-    """`n` rows balanced over the categories; a repeated image is stored once and referenced by index."""
+def _visual_bench(kind: str, scenes: list[Scene], pngs: list[bytes], n: int,
+                  rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """`n` rows balanced over the categories (a repeated image is stored once and referenced by index), and the
+    same rows with the image given as its caption before the question instead (text-only: reading comprehension,
+    what a text LLM answers with perfect perception)."""
     by_cat = {c: [(j, qa) for j, s in enumerate(scenes) for qa in D.questions(s) if qa.category == c]
               for c in CATEGORIES}
     cats = [c for c in CATEGORIES if by_cat[c]]
-    rows, first_row = [], {}
+    rows, described, first_row = [], [], {}
     for k in range(n):
         j, qa = rng.choice(by_cat[cats[k % len(cats)]])
         row = {"index": k, "image": str(first_row[j]) if j in first_row else b64(pngs[j]), "category": qa.category}
@@ -136,7 +140,9 @@ def _visual_bench(kind: str, scenes: list[Scene], pngs: list[bytes], n: int, rng
         else:
             row["question"], row["answer"] = qa.question, qa.answer
         rows.append(row)
-    return rows
+        described.append({**row, "question": D.described(scenes[j], row["question"])})
+        del described[-1]["image"]
+    return rows, described
 
 
 def generate_world(out_dir: str | Path, *, seed: int = 0, scale: str = "default") -> dict:
@@ -212,9 +218,12 @@ def generate_world(out_dir: str | Path, *, seed: int = 0, scale: str = "default"
           ({"text": D.corpus_line(k, facts, held_sums, r, heldout=True)} for k in kinds[:sc.heldout]))
 
     for kind in ("mc", "yesno", "open"):
-        rows = _visual_bench(kind, heldout, held_png, sc.bench, rng(f"bench_{kind}"))
+        rows, described = _visual_bench(kind, heldout, held_png, sc.bench, rng(f"bench_{kind}"))
+        columns = MC_COLUMNS if kind == "mc" else QA_COLUMNS
         files[f"bench_{kind}"], counts[f"bench_{kind}"] = f"bench/{kind}.tsv", write_tsv(
-            out / f"bench/{kind}.tsv", rows, MC_COLUMNS if kind == "mc" else QA_COLUMNS)
+            out / f"bench/{kind}.tsv", rows, columns)
+        files[f"bench_described_{kind}"], counts[f"bench_described_{kind}"] = f"bench/described/{kind}.tsv", write_tsv(
+            out / f"bench/described/{kind}.tsv", described, [c for c in columns if c != "image"])
     r = rng("bench_text")
     text_rows = [(f.question, f.answer, "fact") for f in r.sample(facts, min(len(facts), sc.bench // 2))]
     text_rows += [(q, a, "arithmetic") for q, a in held_sums[:sc.bench - len(text_rows)]]

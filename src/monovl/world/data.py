@@ -54,6 +54,11 @@ def describe(scene: Scene) -> str:
     return text
 
 
+def described(scene: Scene, question: str) -> str:
+    """`question` about `scene` asked of a text-only LLM: the picture given as its caption (reading comprehension)."""
+    return f"Here is a picture: {describe(scene)}\n{question}"
+
+
 def alt_text(scene: Scene, rng: random.Random) -> str:
     """A noisy web-like alt text (S1.1): short, sometimes wrong, sometimes irrelevant."""
     roll = rng.random()
@@ -273,7 +278,7 @@ def chat_conversation(facts: list[Fact], sums: list[tuple[str, str]], rng: rando
         if roll < 0.5:
             scene = sample_scene(rng)
             q, a = _turn(scene, rng, caption=False, grounded=False)
-            turns.append((f"Here is a picture: {describe(scene)}\n{q}", a))
+            turns.append((described(scene, q), a))
             continue
         roll = rng.random()
         if roll < 0.15:
