@@ -209,7 +209,8 @@ def report_markdown(results: list[StageResult], *, seconds: float, scale: str, s
                      _pct(r.scores.get("text_lm")), _pct(r.scores.get("text")), same, diff, f"{r.train_seconds:.0f}"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    final, reading = _ordered(results, "delta")[-1], _ordered(results, "delta")[0].reading
+    delta = _ordered(results, "delta")
+    final, reading = delta[-1], delta[0].reading
     if final.visual is not None:
         verdict = "meets" if final.visual >= 0.70 else "does NOT meet"
         lines += [f"Final delta-tuned model: visual {_pct(final.visual)} % (chance {_pct(visual_chance())} %) — "

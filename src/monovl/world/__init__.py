@@ -140,8 +140,8 @@ def _visual_bench(kind: str, scenes: list[Scene], pngs: list[bytes], n: int,
         else:
             row["question"], row["answer"] = qa.question, qa.answer
         rows.append(row)
-        described.append({**row, "question": D.described(scenes[j], row["question"])})
-        del described[-1]["image"]
+        described.append({k: v for k, v in row.items() if k != "image"}
+                         | {"question": D.described(scenes[j], row["question"])})
     return rows, described
 
 
