@@ -167,6 +167,9 @@ def generate_world(out_dir: str | Path, *, seed: int = 0, scale: str = "default"
     def jsonl(name: str, rel: str, rows: Iterable[dict]) -> None:
         files[name], counts[name] = rel, write_jsonl(out / rel, rows)
 
+    def tsv(name: str, rel: str, rows: list[dict], columns: list[str]) -> None:
+        files[name], counts[name] = rel, write_tsv(out / rel, rows, columns)
+
     def img(split: str, i: int) -> str:
         return f"../images/{split}/{i:06d}.png"
 
@@ -220,16 +223,14 @@ def generate_world(out_dir: str | Path, *, seed: int = 0, scale: str = "default"
     for kind in ("mc", "yesno", "open"):
         rows, described = _visual_bench(kind, heldout, held_png, sc.bench, rng(f"bench_{kind}"))
         columns = MC_COLUMNS if kind == "mc" else QA_COLUMNS
-        files[f"bench_{kind}"], counts[f"bench_{kind}"] = f"bench/{kind}.tsv", write_tsv(
-            out / f"bench/{kind}.tsv", rows, columns)
-        files[f"bench_described_{kind}"], counts[f"bench_described_{kind}"] = f"bench/described/{kind}.tsv", write_tsv(
-            out / f"bench/described/{kind}.tsv", described, [c for c in columns if c != "image"])
+        tsv(f"bench_{kind}", f"bench/{kind}.tsv", rows, columns)
+        tsv(f"bench_described_{kind}", f"bench/described/{kind}.tsv", described, [c for c in columns if c != "image"])
     r = rng("bench_text")
     text_rows = [(f.question, f.answer, "fact") for f in r.sample(facts, min(len(facts), sc.bench // 2))]
     text_rows += [(q, a, "arithmetic") for q, a in held_sums[:sc.bench - len(text_rows)]]
-    files["bench_text"], counts["bench_text"] = "bench/text.tsv", write_tsv(
-        out / "bench/text.tsv", [{"index": i, "question": q, "answer": a, "category": c}
-                                 for i, (q, a, c) in enumerate(text_rows)], ["index", "question", "answer", "category"])
+    tsv("bench_text", "bench/text.tsv", [{"index": i, "question": q, "answer": a, "category": c}
+                                         for i, (q, a, c) in enumerate(text_rows)],
+        ["index", "question", "answer", "category"])
 
     counts.update(train_images=len(train), heldout_images=len(heldout))
     files.update(train_images="images/train", heldout_images="images/heldout", manifest="world.json")
