@@ -40,7 +40,7 @@ def test_conversation_renders_every_turn_with_its_images(ckpt, image, monkeypatc
     model, tokenizer = monovl.load(ckpt)
     conv = monovl.Conversation(model, tokenizer, max_tiles=4)
     prompts = []
-    chat_module = sys.modules["monovl.chat"]
+    chat_module = sys.modules["monovl.conversation"]
     real = chat_module.stream_generate
 
     def spy(model_, ids, pixels, **kw):
@@ -104,6 +104,6 @@ def test_default_model_is_the_shipped_tiny_model(capsys, monkeypatch, tmp_path):
                  "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out.strip()
     assert json.loads((SHIPPED_MODEL / "config.json").read_text())["architectures"] == ["InternVLChatModel"]
-    monkeypatch.setattr("monovl.demo.SHIPPED_MODEL", tmp_path / "missing")
+    monkeypatch.setattr("monovl.checkpoint.SHIPPED_MODEL", tmp_path / "missing")
     assert main(["chat", "--prompt", "hi"]) == 2
     assert "--reproduce" in capsys.readouterr().err

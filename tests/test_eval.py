@@ -11,7 +11,7 @@ from PIL import Image
 import monovl
 from monovl.cli import main
 from monovl.eval import run, scoring
-from monovl.eval.bench import (MC_SUFFIX, VQA_SUFFIX, YESNO_SUFFIX, Item, build_prompt, circular_items,
+from monovl.eval.benchmarks import (MC_SUFFIX, VQA_SUFFIX, YESNO_SUFFIX, Item, build_prompt, circular_items,
                                load_benchmark, rotate)
 from monovl.scratch import write_random_checkpoint
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from monovl.config import preset
-from monovl.generate import generate
+from monovl.generation import generate
 from monovl.model import MonoInternVL
 
 IMG = 500  # <IMG_CONTEXT> id for these tests; 4 tokens per 56-pixel tile in the debug preset

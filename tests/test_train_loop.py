@@ -277,7 +277,7 @@ def test_plot_cli_writes_a_png(tmp_path):
 
 
 def test_bench_measures_delta_and_full():
-    from monovl.train.bench import measure
+    from monovl.train.memory import measure
     delta = measure("s1.1", "debug", 0, 2, 32, 1, "cpu", ac=True)
     full = measure("full", "debug", 0, 2, 32, 1, "cpu", ac=False)
     assert delta["params"] == full["params"] == full["trainable"] > delta["trainable"] > 0

@@ -27,8 +27,28 @@ class CheckpointError(ValueError):
     """A checkpoint folder that cannot be loaded; the message names the problem."""
 
 
+SHIPPED_MODEL = Path(__file__).resolve().parent / "assets" / "tiny"  # trained by `monovl demo --reproduce`
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """A `DTYPES` name (e.g. "bf16") → torch dtype; None → None (the device's default)."""
+    return DTYPES[name] if name else None
+
+
+def model_dir(path: str | os.PathLike | None = None) -> Path:
+    """`path`, or without one the tiny model shipped with monovl (see the README)."""
+    if path is not None:
+        return Path(path)
+    if not (SHIPPED_MODEL / "config.json").is_file():
+        raise FileNotFoundError(f"the shipped tiny model is missing from {SHIPPED_MODEL}; pass --model DIR, or "
+                                "train it with `monovl demo --reproduce --out DIR` (then --model DIR/final)")
+    return SHIPPED_MODEL
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:

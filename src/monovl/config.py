@@ -60,7 +60,9 @@ class ModelConfig:
 
     @property
     def num_image_token(self) -> int:
-        """Tokens per tile: (S / patch)² · downsample_ratio²."""
+        """Tokens per tile: (S / patch)² · downsample_ratio²; 0 for a text-only model."""
+        if self.vision is None:
+            return 0
         grid = self.vision.image_size // self.vision.patch_size
         return int(grid * grid * self.downsample_ratio**2)
 

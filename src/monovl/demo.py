@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
+from monovl.checkpoint import SHIPPED_MODEL
 from monovl.eval.run import evaluate
 
 log = logging.getLogger(__name__)
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "evip"
-SHIPPED_MODEL = Path(__file__).resolve().parent / "assets" / "tiny"
 STAGES = ("s0_llm", "s1_1", "s1_2", "s1_3", "s2")  # recipe stems, in training order
 VISUAL_BENCHES = ("mc", "yesno", "open")
 CHANCE = {"mc": 0.25, "yesno": 0.5, "open": 0.0}  # 4 options; yes/no; free answers (no guessing floor)
@@ -74,9 +74,9 @@ def text_completion_accuracy(model, tokenizer, bench_path: Path, *, limit: int |
                              batch_size: int = 32) -> float:
     """Accuracy on the text benchmark asked in the base LLM's own format ("Question: … Answer:", no chat
     template): the language ability that stage 0 has and delta tuning must keep. Greedy; the answer ends at '.'."""
-    from monovl.eval.bench import load_benchmark
+    from monovl.eval.benchmarks import load_benchmark
     from monovl.eval.scoring import normalize_vqa
-    from monovl.generate import generate
+    from monovl.generation import generate
 
     items = load_benchmark(bench_path).items[:limit]
     hits, stops = 0, set(tokenizer.stop_token_ids)
@@ -147,7 +147,7 @@ def reproduce(out_dir, scale: str = "default", steps_scale: float = 1.0, *, eval
     `eval_limit` questions of each benchmark; None: all); write the report.
     Returns {"results": [StageResult...], "final": path of the delta chain's S2 model, "seconds": ...}."""
     from monovl import load
-    from monovl.eval.bench import load_benchmark
+    from monovl.eval.benchmarks import load_benchmark
     from monovl.train.loop import train
 
     root, t0 = Path(out_dir), time.perf_counter()
@@ -278,8 +278,8 @@ def demo(model_dir=None, out_dir="demo_report", *, write=lambda s: None, limit: 
     """Evaluate the tiny model on the world's held-out benchmarks, stream answers to a few image questions
     through `write`, and write out_dir/report.md + categories.png. Returns {"scores", "categories", "report"}."""
     from monovl import load
-    from monovl.chat import Conversation
-    from monovl.eval.bench import load_benchmark
+    from monovl.conversation import Conversation
+    from monovl.eval.benchmarks import load_benchmark
     from monovl.world import generate_world
 
     model_dir, out = Path(model_dir or SHIPPED_MODEL), Path(out_dir)
@@ -310,7 +310,7 @@ def demo(model_dir=None, out_dir="demo_report", *, write=lambda s: None, limit: 
 
 
 def _stream(conv, item, write):
-    from monovl.eval.bench import build_prompt
+    from monovl.eval.benchmarks import build_prompt
 
     # asked as the benchmark asks it (with the short-answer instruction the model was trained with)
     for piece in conv.stream(build_prompt(item, "vqa"), [item.images[0].load()], max_new_tokens=16):

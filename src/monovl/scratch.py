@@ -40,6 +40,14 @@ def new_model(cfg, seed: int = 0, device="cpu") -> MonoInternVL:
     return random_init_(model.to_empty(device=device), seed).eval()
 
 
+def random_model(cfg, seed: int = 0, device="cpu") -> MonoInternVL:
+    """`new_model` for a config without a tokenizer: unless set, <IMG_CONTEXT> gets a stand-in id, where the
+    nine InternVL tokens appended to a vocabulary put it (vocab_size - 7)."""
+    if cfg.image_token_id is None:
+        cfg.image_token_id = cfg.llm.vocab_size - 7
+    return new_model(cfg, seed, device)
+
+
 SAMPLE_TEXT = """A red circle sits above a blue square. The green triangle is left of the yellow star.
 How many shapes are in the picture? There are three shapes: two circles and one square.
 What colour is the large star? The large star is purple. Describe the image in detail.

@@ -10,8 +10,8 @@ import torch
 from tqdm import tqdm
 
 from monovl.eval import scoring
-from monovl.eval.bench import CIRCULAR_STEP, Benchmark, Item, build_prompt, circular_items, load_benchmark
-from monovl.generate import generate
+from monovl.eval.benchmarks import CIRCULAR_STEP, Benchmark, Item, build_prompt, circular_items, load_benchmark
+from monovl.generation import generate
 from monovl.images import ImageError, load_pixel_values
 from monovl.template import build_query, extract_answer
 
@@ -206,36 +206,3 @@ def write_outputs(out_dir, name: str, records: list[dict], results: dict) -> Non
                                               encoding="utf-8")
     (out / f"{name}.results.md").write_text(format_markdown(results), encoding="utf-8")
 
-
-def cmd_eval(args) -> int:
-    from monovl import load
-    from monovl.cli import _dtype
-
-    model, tokenizer = load(args.model, dtype=_dtype(args.dtype), device=args.device)
-    for bench_path in args.bench:
-        results = evaluate(model, tokenizer, bench_path, out_dir=args.out, kind=args.kind,
-                           batch_size=args.batch_size, max_tiles=args.max_tiles, max_new_tokens=args.max_new_tokens,
-                           limit=args.limit, circular=args.circular)
-        print(format_markdown(results))
-        print(f"wrote {Path(args.out) / results['benchmark']}.{{predictions.jsonl,results.json,results.md}}")
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add `monovl eval` to the CLI's subparsers."""
-    from monovl.cli import DTYPES
-    from monovl.eval.bench import KINDS
-
-    e = subparsers.add_parser("eval", help="evaluate a checkpoint on VLMEvalKit-format benchmark TSVs")
-    e.add_argument("--model", required=True, help="checkpoint folder")
-    e.add_argument("--bench", nargs="+", required=True, metavar="FILE.tsv", help="benchmark TSV file(s)")
-    e.add_argument("--out", default="eval_results", help="folder for predictions and results")
-    e.add_argument("--kind", choices=KINDS, help="scoring rule (default: inferred from the columns)")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--max-tiles", type=int, default=6, help="tile budget per image")
-    e.add_argument("--max-new-tokens", type=int, help="answer budget (default: by kind, 32 to 128)")
-    e.add_argument("--limit", type=int, help="only the first N questions of each benchmark")
-    e.add_argument("--circular", action="store_true", help="CircularEval: every rotation of the options")
-    e.add_argument("--dtype", choices=sorted(DTYPES))
-    e.add_argument("--device")
-    e.set_defaults(func=cmd_eval)

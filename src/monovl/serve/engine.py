@@ -6,7 +6,7 @@ One `KVCache(cfg, max_batch, max_len)` holds every running request: slot i is ca
      image prompt is spread over several steps instead of stalling everyone's decoding;
   3. runs one decode step for every request that has a token to feed, as one batch over their cache rows.
 Tokens travel to the caller through each request's `on_event` callback, from the engine thread. Sampling
-is `monovl.generate.sample_next` per request, so greedy answers equal `monovl.generate` on the request alone.
+is `monovl.generation.sample_next` per request, so greedy answers equal `monovl.generate` on the request alone.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from monovl.generate import sample_next
+from monovl.generation import sample_next
 
 log = logging.getLogger(__name__)
 

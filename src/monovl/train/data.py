@@ -26,36 +26,12 @@ from pathlib import Path
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from monovl.template import IMAGE_PLACEHOLDER
+from monovl.train.data_config import SOURCE_KINDS, DataConfig, SourceConfig
 from monovl.train.packing import BadSample, Packer, Renderer
 
 log = logging.getLogger(__name__)
-KINDS = ("pairs", "webdataset", "conversations", "meta", "text")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-@dataclass
-class SourceConfig:
-    kind: str  # one of KINDS
-    path: str  # a JSONL/JSON file; webdataset: a .tar file or a folder of them
-    weight: float = 1.0  # relative sampling weight in the mix
-    root: str | None = None  # folder of relative image paths (default: the annotation file's folder)
-    name: str = ""
-
-
-@dataclass
-class DataConfig:
-    sources: list[SourceConfig] = field(default_factory=list)
-    seq_len: int = 4096
-    micro_batch: int = 1  # rows per batch
-    pack: bool = True  # several samples per row (False: one)
-    max_tiles: int = 6
-    caption_prompt: str = "Describe the image."
-    system: str | None = None  # None: the template's default system message
-    overlong: str = "truncate"  # "truncate" | "drop"
-    strict: bool = False  # raise on bad data instead of skipping it
-    seed: int = 0
-    num_workers: int = 0
 
 
 @dataclass
@@ -196,8 +172,8 @@ class TrainData(IterableDataset):
         if cfg.overlong not in ("truncate", "drop"):
             raise ValueError(f"overlong must be 'truncate' or 'drop', got {cfg.overlong!r}")
         for src in cfg.sources:
-            if src.kind not in KINDS:
-                raise ValueError(f"unknown source kind {src.kind!r} for {src.path}; choose one of {KINDS}")
+            if src.kind not in SOURCE_KINDS:
+                raise ValueError(f"unknown source kind {src.kind!r} for {src.path}; choose one of {SOURCE_KINDS}")
         self.sources = [s for src in cfg.sources for s in (expand_meta(src) if src.kind == "meta" else [src])]
         if not sum(s.weight for s in self.sources) > 0:
             raise ValueError("the source weights must sum to more than 0")

@@ -40,9 +40,10 @@ class SyntheticData:
         if d.batch_size % world:
             raise ValueError(f"data.batch_size {d.batch_size} is not divisible by the {world} processes")
         self.cfg, self.model_cfg, self.rank, self.world = d, model_cfg, rank, world
-        n_img = model_cfg.num_image_token if model_cfg.vision is not None else 0
-        if d.seq_len < n_img + 8:
-            raise ValueError(f"data.seq_len {d.seq_len} is too short for one image ({n_img} tokens) and some text")
+        num_image_token = model_cfg.num_image_token
+        if d.seq_len < num_image_token + 8:
+            raise ValueError(f"data.seq_len {d.seq_len} is too short for one image ({num_image_token} tokens) and "
+                             "some text")
         self.index = 0  # micro batches consumed
 
     def state_dict(self) -> dict:
@@ -54,7 +55,7 @@ class SyntheticData:
     def _sample(self, g: int):
         d, mc = self.cfg, self.model_cfg
         gen = torch.Generator().manual_seed(d.seed * 1_000_003 + g)
-        n_img = mc.num_image_token if mc.vision is not None and mc.image_token_id is not None else 0
+        num_image_token = mc.num_image_token if mc.image_token_id is not None else 0
         vocab = min(mc.llm.vocab_size, mc.image_token_id or mc.llm.vocab_size) - 3
         ids = torch.empty(d.seq_len, dtype=torch.long)
         t = int(torch.randint(vocab, (1,), generator=gen))
@@ -62,11 +63,11 @@ class SyntheticData:
             ids[i] = t + 3
             t = (7 * t + 3) % vocab
         labels = ids.clone()
-        prompt = int(torch.randint(n_img + 1, max(n_img + 2, d.seq_len // 2), (1,), generator=gen))
+        prompt = int(torch.randint(num_image_token + 1, max(num_image_token + 2, d.seq_len // 2), (1,), generator=gen))
         labels[:prompt] = -100
         pixels = None
-        if n_img:
-            ids[1:1 + n_img] = mc.image_token_id
+        if num_image_token:
+            ids[1:1 + num_image_token] = mc.image_token_id
             s = mc.vision.image_size
             pixels = torch.randn(1, 3, s, s, generator=gen)
         return ids, labels, pixels
@@ -89,7 +90,7 @@ def build_model(cfg: TrainConfig, device: torch.device):
     plain InternLM2 LLM) or a random `model.preset`."""
     from monovl import load
     from monovl.config import preset
-    from monovl.scratch import new_model
+    from monovl.scratch import random_model
 
     m = cfg.model
     if m.path:
@@ -104,9 +105,7 @@ def build_model(cfg: TrainConfig, device: torch.device):
                                            visual_attention_experts=m.attention_experts, seed=m.seed)
             model = model.to(device)
         return model.train(), tokenizer
-    mcfg = preset(m.preset)
-    mcfg.image_token_id = mcfg.llm.vocab_size - 7  # the random preset has no tokenizer: a stand-in id
-    return new_model(mcfg, seed=m.seed, device=device).train(), None
+    return random_model(preset(m.preset), seed=m.seed, device=device).train(), None
 
 
 def build_data(cfg: TrainConfig, model_cfg, tokenizer, rank: int, world: int):

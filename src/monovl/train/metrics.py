@@ -75,16 +75,3 @@ def plot(run_dir, out: str | None = None) -> Path:
     plt.close(fig)
     return out_path
 
-
-def cmd_plot(args) -> int:
-    path = plot(args.run_dir, args.out)
-    print(f"wrote {path}")
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add `monovl plot RUN_DIR`."""
-    p = subparsers.add_parser("plot", help="draw the loss and learning-rate curves of a training run to a PNG")
-    p.add_argument("run_dir", help="a `monovl train` output folder (with metrics.jsonl)")
-    p.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
-    p.set_defaults(func=cmd_plot)

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import islice
-from typing import TYPE_CHECKING
 
 import torch
 
 from monovl.images import ImageError, load_pixel_values
 from monovl.template import IM_END, IM_START, IMAGE_PLACEHOLDER, add_image_placeholders, expand_images, render
-
-if TYPE_CHECKING:
-    from monovl.train.data import DataConfig
+from monovl.train.data_config import DataConfig
 
 IGNORE = -100  # label of a token that carries no loss
 

@@ -5,8 +5,6 @@ every key is a field below. Unknown sections or keys are errors that name the ke
 with a silent default.
 """
 import dataclasses
-import os
-import sys
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -180,29 +178,3 @@ def load_recipe(path, overrides: list[str] | None = None) -> TrainConfig:
 def to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 
-
-def cmd_train(args) -> int:
-    from monovl.train import parallel
-    from monovl.train.loop import NonFiniteLossError, train
-
-    cfg = load_recipe(args.recipe, args.set)
-    try:
-        result = train(cfg)
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    finally:
-        parallel.shutdown_distributed()
-    if os.environ.get("RANK", "0") == "0":
-        print(f"trained {result['step']} steps ({result['skipped']} skipped); run folder {result['run_dir']}"
-              + (f"; model {result['final']}" if result["final"] else ""))
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add `monovl train RECIPE.toml [--set section.key=value ...]` (the loop is imported only when it runs)."""
-    p = subparsers.add_parser("train", help="train from a TOML recipe (single process or under torchrun)")
-    p.add_argument("recipe", help="recipe file, e.g. recipes/tiny/s1_1.toml")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a recipe value (repeatable), e.g. --set optim.lr=1e-4")
-    p.set_defaults(func=cmd_train)

@@ -275,6 +275,6 @@ def register(subparsers) -> None:
     """Add `monovl world OUT_DIR [--seed N] [--scale small|default]`."""
     p = subparsers.add_parser("world", help="generate the seeded synthetic world: stage data, corpus, benchmarks")
     p.add_argument("out_dir", help="output folder (created)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", choices=sorted(SCALES), default="default")
+    p.add_argument("--seed", type=int, default=0, help="world seed")
+    p.add_argument("--scale", choices=sorted(SCALES), default="default", help="world size")
     p.set_defaults(func=_cmd_world)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from monovl.generate import stream_generate
+from monovl.generation import stream_generate
 from monovl.images import load_pixel_values
 from monovl.template import Turn, add_image_placeholders, build_query, extract_answer
 from monovl.tokenizer import StreamDecoder, Tokenizer

@@ -1,7 +1,7 @@
 """Training benchmark: tokens/s and peak memory of delta tuning (S1.1: visual parts only) vs full tuning of
 the same model, each in a fresh subprocess so peak memories do not mix.
 
-    python -m monovl.train.bench --preset mono-internvl-2b --layers 2 --steps 3
+    python -m monovl.train.memory --preset mono-internvl-2b --layers 2 --steps 3
 
 Peak memory is `torch.cuda.max_memory_allocated` on GPU; on CPU the process's peak resident set minus its
 resident set just before the model was built (so the interpreter and torch itself do not count).
@@ -28,7 +28,7 @@ def measure(stage: str, preset_name: str, layers: int, batch: int, seq_len: int,
     """Train `steps` AdamW steps of `stage` on synthetic data in this process; tokens/s and peak memory.
     On CPU the peak is the process's, so call this in a fresh process (as `main` does)."""
     from monovl.config import preset
-    from monovl.scratch import new_model
+    from monovl.scratch import random_model
     from monovl.train.freeze import freeze, param_groups
     from monovl.train.loop import SyntheticData, loss_sum
     from monovl.train.parallel import apply_ac
@@ -37,8 +37,7 @@ def measure(stage: str, preset_name: str, layers: int, batch: int, seq_len: int,
     dev = torch.device(device)
     base = _rss_bytes()
     cfg = preset(preset_name, **({"num_layers": layers} if layers else {}))
-    cfg.image_token_id = cfg.llm.vocab_size - 7
-    model = freeze(new_model(cfg, device=dev).train(), stage)
+    model = freeze(random_model(cfg, device=dev).train(), stage)
     if ac:
         apply_ac(model)
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-5)
@@ -83,7 +82,7 @@ def main(argv=None) -> int:
         return 0
     rows, forwarded = {}, sys.argv[1:] if argv is None else list(argv)
     for stage in ("s1.1", "full"):
-        cmd = [sys.executable, "-m", "monovl.train.bench", "--child", stage, *forwarded]
+        cmd = [sys.executable, "-m", "monovl.train.memory", "--child", stage, *forwarded]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if out.returncode != 0:
             print(out.stderr, file=sys.stderr)
