@@ -1,4 +1,10 @@
-"""Generation: one prefill over the (right-padded) prompts, then one token per step from the static KV cache."""
+"""Generation: one prefill over the (right-padded) prompts, then one token per step from the static KV cache.
+
+The core, as in gpt-fast, is three functions that every caller (generate, chat, eval, the serving engine, the
+speed benchmark) goes through: `embed_prompt` (token embeddings with image features placed, once per prompt),
+`prefill` (the prompt, or a chunk of it, into the cache → logits of one position per row) and
+`decode_one_token` (one token per row → next logits). `model.forward` stays the whole-sequence parity surface.
+"""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -36,6 +42,27 @@ def sample_next(logits: torch.Tensor, seen: torch.Tensor | None, *, temperature:
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def embed_prompt(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None):
+    """input_ids (B, T) → (embeddings (B, T, D), visual_mask (B, T)), image features on the <IMG_CONTEXT> rows."""
+    return model.embed(input_ids, pixel_values)
+
+
+def prefill(model, embeds, cache, input_pos: torch.Tensor, last: torch.Tensor,
+            cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Write `embeds` (a slice of `embed_prompt`'s output) at positions input_pos (B, T) of the cache rows
+    `cache_rows` (B,) (default 0..B-1); return the logits (B, V) at position `last` (B,) of each row."""
+    x, visual_mask = embeds
+    logits = model.language_model(x, visual_mask, input_pos=input_pos, cache=cache, logits_at=last,
+                                  cache_rows=cache_rows)
+    return logits[:, 0]  # (B, V)
+
+
+def decode_one_token(model, tokens: torch.Tensor, input_pos: torch.Tensor, cache,
+                     cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Feed tokens (B,) at positions input_pos (B,) of the cache rows `cache_rows`; return the next logits (B, V)."""
+    return model(tokens[:, None], input_pos=input_pos[:, None], cache=cache, cache_rows=cache_rows)[:, 0]
+
+
 @torch.inference_mode()
 def stream_generate(model, input_ids, pixel_values: torch.Tensor | None = None, *, max_new_tokens: int = 256,
                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
@@ -69,7 +96,7 @@ def stream_generate(model, input_ids, pixel_values: torch.Tensor | None = None, 
     cache = model.new_cache(b, t + max_new_tokens)
     input_pos = torch.arange(t, device=device).expand(b, t)  # (B, T)
     pv = pixel_values.to(device) if pixel_values is not None else None
-    logits = model(ids, pv, input_pos=input_pos, cache=cache, logits_at=lengths - 1)[:, 0]  # (B, V)
+    logits = prefill(model, embed_prompt(model, ids, pv), cache, input_pos, lengths - 1)  # (B, V)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         tok = sample_next(logits, seen, **sample)  # (B,)
@@ -80,8 +107,7 @@ def stream_generate(model, input_ids, pixel_values: torch.Tensor | None = None, 
             return
         if seen is not None:
             seen[torch.arange(b, device=device), tok] = True
-        pos = (lengths + step)[:, None]  # (B, 1): each row's next free slot
-        logits = model(tok[:, None], input_pos=pos, cache=cache)[:, 0]  # (B, V)
+        logits = decode_one_token(model, tok, lengths + step, cache)  # (B, V); lengths + step: next free slots
 
 
 def generate(model, input_ids, pixel_values: torch.Tensor | None = None, **kwargs) -> torch.Tensor:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from monovl import generation
 from monovl.model import MonoInternVL
 
 
@@ -85,13 +86,13 @@ def run_bench(model: MonoInternVL, *, tiles: int = 1, text_tokens: int = 32, dec
     last = torch.tensor([t - 1], device=device)
 
     def prefill():
-        tok = model(ids, pv, input_pos=pos, cache=cache, logits_at=last)[:, 0].argmax(-1)
+        tok = generation.prefill(model, generation.embed_prompt(model, ids, pv), cache, pos, last).argmax(-1)
         sync()
         return tok
 
     def decode(tok):
         for i in range(decode_tokens):
-            tok = model(tok[:, None], input_pos=torch.tensor([[t + i]], device=device), cache=cache)[:, 0].argmax(-1)
+            tok = generation.decode_one_token(model, tok, torch.tensor([t + i], device=device), cache).argmax(-1)
         sync()
 
     def dense_blend():

@@ -6,7 +6,8 @@ One `KVCache(cfg, max_batch, max_len)` holds every running request: slot i is ca
      image prompt is spread over several steps instead of stalling everyone's decoding;
   3. runs one decode step for every request that has a token to feed, as one batch over their cache rows.
 Tokens travel to the caller through each request's `on_event` callback, from the engine thread. Sampling
-is `monovl.generation.sample_next` per request, so greedy answers equal `monovl.generate` on the request alone.
+goes through `monovl.generation`'s core (`embed_prompt`, `prefill`, `decode_one_token`, `sample_next` per
+request), so greedy answers equal `monovl.generate` on the request alone.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from monovl.generation import sample_next
+from monovl.generation import decode_one_token, embed_prompt, prefill, sample_next
 
 log = logging.getLogger(__name__)
 
@@ -173,17 +174,16 @@ class Engine:
             if r.embeds is None:
                 ids = r.input_ids.to(self.device)[None]  # (1, T)
                 pv = r.pixel_values.to(self.device) if r.pixel_values is not None else None
-                r.embeds = self.model.embed(ids, pv)
+                r.embeds = embed_prompt(self.model, ids, pv)
                 if r.params.seed is not None:
                     r.generator = torch.Generator(self.device).manual_seed(r.params.seed)
             x, visual_mask = r.embeds
             a = r.prefilled
             b = min(r.prompt_len, a + self.prefill_chunk)
             pos = torch.arange(a, b, device=self.device)[None]  # (1, b - a)
-            logits = self.model.language_model(
-                x[:, a:b], visual_mask[:, a:b], input_pos=pos, cache=self.cache,
-                cache_rows=torch.tensor([r.slot], device=self.device),
-                logits_at=torch.tensor([b - a - 1], device=self.device))[:, 0]  # (1, V)
+            logits = prefill(self.model, (x[:, a:b], visual_mask[:, a:b]), self.cache, pos,
+                             torch.tensor([b - a - 1], device=self.device),
+                             cache_rows=torch.tensor([r.slot], device=self.device))  # (1, V)
         except (ValueError, RuntimeError) as e:
             self._finish(r, "error", f"cannot run this prompt: {e}")
             return
@@ -193,10 +193,10 @@ class Engine:
             self._accept(r, logits)
 
     def _decode(self, batch: Sequence[Request]) -> None:
-        tok = torch.tensor([[r.pending] for r in batch], device=self.device)  # (B, 1)
-        pos = torch.tensor([[r.prompt_len + r.generated - 1] for r in batch], device=self.device)  # (B, 1)
+        tok = torch.tensor([r.pending for r in batch], device=self.device)  # (B,)
+        pos = torch.tensor([r.prompt_len + r.generated - 1 for r in batch], device=self.device)  # (B,)
         rows = torch.tensor([r.slot for r in batch], device=self.device)  # (B,)
-        logits = self.model(tok, input_pos=pos, cache=self.cache, cache_rows=rows)[:, 0]  # (B, V)
+        logits = decode_one_token(self.model, tok, pos, self.cache, cache_rows=rows)  # (B, V)
         greedy = logits.argmax(-1).tolist()  # one host sync for every greedy row
         for i, r in enumerate(batch):
             self._accept(r, logits[i : i + 1], greedy[i] if r.params.temperature <= 0 else None)
