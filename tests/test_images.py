@@ -22,12 +22,12 @@ BICUBIC = Image.Resampling.BICUBIC
 # ---------------------------------------------------------------- grid choice
 
 
-def brute_force_grid(w, h, min_num, max_num, image_size):
+def brute_force_grid(w, h, min_tiles, max_tiles, image_size):
     """The sequential InternVL rule, restated: among the grids closest in ratio, listed by
     ascending area, the first is kept unless a later one has the image cover more than half
     of its pixels; the last such later one wins."""
-    grids = [(i, j) for i in range(1, max_num + 1) for j in range(1, max_num + 1)
-             if min_num <= i * j <= max_num]
+    grids = [(i, j) for i in range(1, max_tiles + 1) for j in range(1, max_tiles + 1)
+             if min_tiles <= i * j <= max_tiles]
     diff = {g: abs(w / h - g[0] / g[1]) for g in grids}
     best = min(diff.values())
     tied = sorted((g for g in grids if diff[g] == best), key=lambda g: (g[0] * g[1], g))
@@ -35,12 +35,12 @@ def brute_force_grid(w, h, min_num, max_num, image_size):
     return later[-1] if later else tied[0]
 
 
-def _sizes(min_num, max_num):
+def _sizes(min_tiles, max_tiles):
     sizes = [(448, 448), (896, 448), (1344, 448), (448, 896), (100, 100), (2000, 1000),
              (1000, 2000), (1, 5000), (5000, 1), (1, 1), (640, 480), (1920, 1080), (800, 600)]
     # exact ties: the image ratio equal to a grid ratio, or at the midpoint of two neighbouring
     # grid ratios, at scales on both sides of the area condition
-    ratios = sorted({Fraction(i, j) for i, j in target_ratios(min_num, max_num)})
+    ratios = sorted({Fraction(i, j) for i, j in target_ratios(min_tiles, max_tiles)})
     for r in ratios + [(a + b) / 2 for a, b in zip(ratios, ratios[1:])]:
         sizes += [(r.numerator * k, r.denominator * k) for k in (1, 37, 150, 600)]
     rng = random.Random(0)
@@ -51,22 +51,22 @@ def _sizes(min_num, max_num):
 SETTINGS = [(1, 6), (1, 12), (2, 12), (4, 4), (3, 9)]
 
 
-@pytest.mark.parametrize("min_num,max_num", SETTINGS)
-def test_grid_matches_brute_force(min_num, max_num):
-    sizes = _sizes(min_num, max_num)
+@pytest.mark.parametrize("min_tiles,max_tiles", SETTINGS)
+def test_grid_matches_brute_force(min_tiles, max_tiles):
+    sizes = _sizes(min_tiles, max_tiles)
     assert len(sizes) > 150
-    ratios = target_ratios(min_num, max_num)
+    ratios = target_ratios(min_tiles, max_tiles)
     for w, h in sizes:
         got = find_closest_aspect_ratio(w / h, ratios, w, h, 448)
-        assert got == brute_force_grid(w, h, min_num, max_num, 448), (w, h)
+        assert got == brute_force_grid(w, h, min_tiles, max_tiles, 448), (w, h)
 
 
-@pytest.mark.parametrize("min_num,max_num", [(1, 6), (1, 12), (2, 12), (1, 24)])
-def test_grid_independent_of_equal_area_order(min_num, max_num):
+@pytest.mark.parametrize("min_tiles,max_tiles", [(1, 6), (1, 12), (2, 12), (1, 24)])
+def test_grid_independent_of_equal_area_order(min_tiles, max_tiles):
     # the official code orders equal-area grids by set iteration; for these ranges it cannot matter
-    by_area_only = sorted(set(target_ratios(min_num, max_num)), key=lambda g: g[0] * g[1])
-    ours = target_ratios(min_num, max_num)
-    for w, h in _sizes(min_num, max_num):
+    by_area_only = sorted(set(target_ratios(min_tiles, max_tiles)), key=lambda g: g[0] * g[1])
+    ours = target_ratios(min_tiles, max_tiles)
+    for w, h in _sizes(min_tiles, max_tiles):
         assert (find_closest_aspect_ratio(w / h, by_area_only, w, h, 448)
                 == find_closest_aspect_ratio(w / h, ours, w, h, 448)), (w, h)
 
@@ -80,17 +80,17 @@ def test_known_grids():
     assert find_closest_aspect_ratio(3.0, r, 1344, 448, 448) == (3, 1)
 
 
-@pytest.mark.parametrize("w,h,s,min_num,max_num,smaller,larger", [
+@pytest.mark.parametrize("w,h,s,min_tiles,max_tiles,smaller,larger", [
     (279, 248, 186, 1, 6, (1, 1), (2, 2)),  # ratio 1.125: (1,1) and (2,2) tie
     (392, 200, 140, 1, 12, (2, 1), (4, 2)),  # ratio 1.96: (2,1) and (4,2) tie
 ])
-def test_area_condition_is_strict(w, h, s, min_num, max_num, smaller, larger):
+def test_area_condition_is_strict(w, h, s, min_tiles, max_tiles, smaller, larger):
     assert 2 * w * h == s * s * larger[0] * larger[1]  # exactly half of the larger grid's pixels
-    r = target_ratios(min_num, max_num)
+    r = target_ratios(min_tiles, max_tiles)
     assert find_closest_aspect_ratio(w / h, r, w, h, s) == smaller
     assert find_closest_aspect_ratio(w / h, r, w, h - 1, s) == smaller  # one row fewer
     assert find_closest_aspect_ratio(w / h, r, w + 1, h, s) == larger  # one column more
-    assert brute_force_grid(w, h, min_num, max_num, s) == smaller
+    assert brute_force_grid(w, h, min_tiles, max_tiles, s) == smaller
 
 
 def test_target_ratios():
@@ -112,7 +112,7 @@ def _noise(w, h, seed=0):
 def test_dynamic_preprocess_tiles_are_crops_of_resized_image():
     s = 28
     img = _noise(100, 50)
-    tiles = dynamic_preprocess(img, max_num=12, image_size=s)
+    tiles = dynamic_preprocess(img, max_tiles=12, image_size=s)
     cols, rows = find_closest_aspect_ratio(2.0, target_ratios(1, 12), 100, 50, s)
     assert (cols, rows) == (4, 2)  # ties with (2, 1); 100*50 > 0.5 * 28**2 * 8
     assert len(tiles) == cols * rows + 1
@@ -122,8 +122,8 @@ def test_dynamic_preprocess_tiles_are_crops_of_resized_image():
         x, y = (k % cols) * s, (k // cols) * s
         assert tiles[k].tobytes() == resized.crop((x, y, x + s, y + s)).tobytes(), k
     assert tiles[-1].tobytes() == img.resize((s, s), BICUBIC).tobytes()
-    assert len(dynamic_preprocess(img, max_num=12, image_size=s, use_thumbnail=False)) == 8
-    assert len(dynamic_preprocess(img, max_num=6, image_size=s)) == 3  # (2, 1) + thumbnail
+    assert len(dynamic_preprocess(img, max_tiles=12, image_size=s, use_thumbnail=False)) == 8
+    assert len(dynamic_preprocess(img, max_tiles=6, image_size=s)) == 3  # (2, 1) + thumbnail
 
 
 def test_single_tile_has_no_thumbnail():
@@ -151,7 +151,7 @@ def test_extreme_aspect_ratios(w, h, grid):
     assert find_closest_aspect_ratio(w / h, target_ratios(1, 12), w, h, s) == grid
     pv = load_pixel_values(buf.getvalue(), image_size=s)
     assert pv.shape == (13, 3, s, s) and torch.isfinite(pv).all()
-    assert load_pixel_values(buf.getvalue(), image_size=s, max_num=6).shape == (7, 3, s, s)
+    assert load_pixel_values(buf.getvalue(), image_size=s, max_tiles=6).shape == (7, 3, s, s)
 
 
 def test_load_pixel_values_not_dynamic(tmp_path):
@@ -159,7 +159,7 @@ def test_load_pixel_values_not_dynamic(tmp_path):
     _noise(100, 40).save(path)
     assert load_pixel_values(path, image_size=56, dynamic=False).shape == (1, 3, 56, 56)
     # ratio 2.5 ties (2, 1) and (3, 1); 100*40 <= 0.5 * 56**2 * 3 keeps (2, 1)
-    assert load_pixel_values(str(path), image_size=56, max_num=4).shape == (3, 3, 56, 56)
+    assert load_pixel_values(str(path), image_size=56, max_tiles=4).shape == (3, 3, 56, 56)
 
 
 # ---------------------------------------------------------------- modes

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import torch
 
 from monovl.generation import stream_generate
-from monovl.images import load_pixel_values
-from monovl.template import Turn, add_image_placeholders, build_query, extract_answer
+from monovl.inputs import build_inputs
+from monovl.template import Turn, add_image_placeholders, extract_answer
 from monovl.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -22,27 +22,17 @@ class Conversation:
     history: list[Turn] = field(default_factory=list)
     pixels: list[torch.Tensor] = field(default_factory=list)  # (N_i, 3, S, S) per earlier image
 
-    def images_to_pixels(self, images: Sequence) -> list[torch.Tensor]:
-        """Paths, bytes or PIL images → one (tiles, 3, S, S) tensor each."""
-        cfg = self.model.cfg
-        if images and cfg.vision is None:
-            raise ValueError("this model is a text-only LLM: it cannot take images")
-        return [load_pixel_values(img, image_size=cfg.vision.image_size, min_num=cfg.min_dynamic_patch,
-                                  max_num=self.max_tiles or cfg.max_dynamic_patch, use_thumbnail=cfg.use_thumbnail,
-                                  dynamic=cfg.dynamic_image_size) for img in images]
-
     def stream(self, question: str, images: Sequence = (), **generate_kwargs) -> Iterator[str]:
         """Yield the answer's text piece by piece; the finished turn is added to the history."""
-        new = self.images_to_pixels(images)
-        tiles = [len(p) for p in new]
-        n_image_token = self.model.cfg.num_image_token if self.model.cfg.vision is not None else 0
-        query = build_query(question, tiles, self.history, self.system, n_image_token)
-        ids = torch.tensor(self.tokenizer.encode(query))
+        inputs = build_inputs(self.model, self.tokenizer, question, images, history=self.history, system=self.system,
+                              max_tiles=self.max_tiles)
+        tiles = inputs.num_tiles
+        new = list(inputs.pixel_values.split(tiles)) if tiles else []  # (N_i, 3, S, S) per image
         pixels = torch.cat(self.pixels + new) if self.pixels or new else None
         generate_kwargs.setdefault("stop_token_ids", self.tokenizer.stop_token_ids)
         generate_kwargs.setdefault("max_new_tokens", 512)
         decoder, stops = StreamDecoder(self.tokenizer), set(generate_kwargs["stop_token_ids"])
-        for tok in stream_generate(self.model, [ids], pixels, **generate_kwargs):
+        for tok in stream_generate(self.model, [inputs.input_ids], pixels, **generate_kwargs):
             if int(tok[0]) in stops:
                 break
             if piece := decoder.put(int(tok[0])):

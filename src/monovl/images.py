@@ -112,16 +112,16 @@ def _rescale(a: np.ndarray, full: int) -> Image.Image:
     return Image.fromarray(gray).convert("RGB")
 
 
-def target_ratios(min_num: int, max_num: int) -> list[tuple[int, int]]:
-    """All grids (cols, rows) with min_num <= cols*rows <= max_num, sorted by (area, cols, rows)."""
-    if not 1 <= min_num <= max_num:
-        raise ValueError(f"need 1 <= min_num <= max_num, got {min_num}, {max_num}")
-    grids = {(i, j) for i in range(1, max_num + 1) for j in range(1, max_num + 1)
-             if min_num <= i * j <= max_num}
+def target_ratios(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
+    """All grids (cols, rows) with min_tiles <= cols*rows <= max_tiles, sorted by (area, cols, rows)."""
+    if not 1 <= min_tiles <= max_tiles:
+        raise ValueError(f"need 1 <= min_tiles <= max_tiles, got {min_tiles}, {max_tiles}")
+    grids = {(i, j) for i in range(1, max_tiles + 1) for j in range(1, max_tiles + 1)
+             if min_tiles <= i * j <= max_tiles}
     # The official code sorts a set by area only, so equal-area grids come in set-iteration order.
     # That order only matters when two equal-area grids tie in |ratio difference| (one on each side
-    # of the image ratio) and that tie is the best; checked exhaustively for max_num <= 48, this
-    # happens only for narrow ranges with min_num >= 4 (e.g. 4..4), never for 1..N or 2..N.
+    # of the image ratio) and that tie is the best; checked exhaustively for max_tiles <= 48, this
+    # happens only for narrow ranges with min_tiles >= 4 (e.g. 4..4), never for 1..N or 2..N.
     return sorted(grids, key=lambda g: (g[0] * g[1], g[0], g[1]))
 
 
@@ -139,13 +139,13 @@ def find_closest_aspect_ratio(aspect_ratio: float, target_ratios: list[tuple[int
     return best
 
 
-def dynamic_preprocess(image: Image.Image, *, min_num: int = 1, max_num: int = 12,
+def dynamic_preprocess(image: Image.Image, *, min_tiles: int = 1, max_tiles: int = 12,
                        image_size: int = 448, use_thumbnail: bool = True) -> list[Image.Image]:
     """Resize to the best (cols*S, rows*S) grid and cut row-major tiles (+ a thumbnail if > 1)."""
     w, h = image.size
     if w <= 0 or h <= 0:
         raise ImageError(f"zero-size image ({w}x{h})")
-    cols, rows = find_closest_aspect_ratio(w / h, target_ratios(min_num, max_num), w, h, image_size)
+    cols, rows = find_closest_aspect_ratio(w / h, target_ratios(min_tiles, max_tiles), w, h, image_size)
     s = image_size
     resized = image.resize((cols * s, rows * s), BICUBIC)
     boxes = [((k % cols) * s, (k // cols) * s) for k in range(cols * rows)]  # row-major (x, y)
@@ -174,13 +174,13 @@ def tiles_to_tensor(tiles: list[Image.Image], image_size: int) -> torch.Tensor:
     return ((x - mean) / std).contiguous()  # (N, 3, S, S)
 
 
-def load_pixel_values(src: ImageSource, *, image_size: int = 448, max_num: int = 12,
-                      min_num: int = 1, use_thumbnail: bool = True, dynamic: bool = True,
+def load_pixel_values(src: ImageSource, *, image_size: int = 448, max_tiles: int = 12,
+                      min_tiles: int = 1, use_thumbnail: bool = True, dynamic: bool = True,
                       max_pixels: int = 64_000_000) -> torch.Tensor:
     """load_image -> tiles (dynamic grid, or one resized tile) -> pixel_values (N, 3, S, S)."""
     image = load_image(src, max_pixels=max_pixels)
     if dynamic:
-        tiles = dynamic_preprocess(image, min_num=min_num, max_num=max_num,
+        tiles = dynamic_preprocess(image, min_tiles=min_tiles, max_tiles=max_tiles,
                                    image_size=image_size, use_thumbnail=use_thumbnail)
     else:
         tiles = [image.resize((image_size, image_size), BICUBIC)]

@@ -1,4 +1,4 @@
-"""The `internlm2-chat` prompt template of InternVL / Mono-InternVL (design.md §2), as plain strings.
+"""The `internlm2-chat` prompt template of InternVL / Mono-InternVL, as plain strings.
 
     <|im_start|>system\\n{system}<|im_end|><|im_start|>user\\n{q}<|im_end|><|im_start|>assistant\\n{a}<|im_end|>...
 
@@ -19,6 +19,12 @@ IMG_START = "<img>"
 IMG_END = "</img>"
 IMG_CONTEXT = "<IMG_CONTEXT>"
 IMAGE_PLACEHOLDER = "<image>"
+
+# The short-answer instructions the InternVL family appends to a question (VLMEvalKit prompts).
+MC_SUFFIX = "Answer with the option's letter from the given choices directly."
+MC_SUFFIX_CN = "请直接回答选项字母。"
+VQA_SUFFIX = "Answer the question using a single word or phrase."
+YESNO_SUFFIX = "Please answer yes or no."
 
 # Default system message of the InternVL `internlm2-chat` template (InternVL2 / Mono-InternVL releases).
 DEFAULT_SYSTEM_MESSAGE = (

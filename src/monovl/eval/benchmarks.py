@@ -1,4 +1,4 @@
-"""Benchmark files in VLMEvalKit's TSV format (design.md §6) and the InternVL-family prompts.
+"""Benchmark files in VLMEvalKit's TSV format and the InternVL-family prompts.
 
 One TSV per benchmark. Columns: `index` (unique int), `question`, optional `image` (base64; a cell of at most
 64 characters is the `index` of the row holding the image; a Python-list string of base64 strings for
@@ -18,12 +18,10 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from monovl.template import MC_SUFFIX, MC_SUFFIX_CN, VQA_SUFFIX, YESNO_SUFFIX
+
 KINDS = ("mc", "yesno", "vqa", "anls", "relaxed", "ocrbench")
 CIRCULAR_STEP = 1_000_000  # CircularEval copy k of a question has index + k * CIRCULAR_STEP
-MC_SUFFIX = "Answer with the option's letter from the given choices directly."
-MC_SUFFIX_CN = "请直接回答选项字母。"
-VQA_SUFFIX = "Answer the question using a single word or phrase."
-YESNO_SUFFIX = "Please answer yes or no."
 _CJK = re.compile(r"[\u4e00-\u9fff]")
 
 

@@ -12,8 +12,9 @@ from tqdm import tqdm
 from monovl.eval import scoring
 from monovl.eval.benchmarks import CIRCULAR_STEP, Benchmark, Item, build_prompt, circular_items, load_benchmark
 from monovl.generation import generate
-from monovl.images import ImageError, load_pixel_values
-from monovl.template import build_query, extract_answer
+from monovl.images import ImageError
+from monovl.inputs import ModelInputs, build_inputs
+from monovl.template import extract_answer
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +37,9 @@ def score_item(item: Item, kind: str, prediction: str) -> tuple[float | None, st
     return scoring.ocrbench_hit(prediction, item.answers, item.category), None
 
 
-def _prepare(model, tokenizer, item: Item, kind: str, max_tiles: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    cfg = model.cfg
-    pixels = []
-    for ref in item.images:
-        if cfg.vision is None:
-            raise ValueError("this model is a text-only LLM: it cannot take images")
-        pixels.append(load_pixel_values(ref.load(), image_size=cfg.vision.image_size, min_num=cfg.min_dynamic_patch,
-                                        max_num=max_tiles, use_thumbnail=cfg.use_thumbnail,
-                                        dynamic=cfg.dynamic_image_size))
-    n_image_token = cfg.num_image_token if cfg.vision is not None else 0
-    query = build_query(build_prompt(item, kind), [len(p) for p in pixels], num_image_token=n_image_token)
-    return torch.tensor(tokenizer.encode(query)), pixels
+def _prepare(model, tokenizer, item: Item, kind: str, max_tiles: int) -> ModelInputs:
+    return build_inputs(model, tokenizer, build_prompt(item, kind), [ref.load() for ref in item.images],
+                        max_tiles=max_tiles)
 
 
 def _decode(tokenizer, row: torch.Tensor) -> str:
@@ -59,9 +51,9 @@ def _decode(tokenizer, row: torch.Tensor) -> str:
     return extract_answer(tokenizer.decode(ids))
 
 
-def _generate(model, tokenizer, prepared: list, max_new_tokens: int) -> list[str]:
-    ids = [p[0] for p in prepared]
-    pixels = [t for p in prepared for t in p[1]]
+def _generate(model, tokenizer, prepared: list[ModelInputs], max_new_tokens: int) -> list[str]:
+    ids = [p.input_ids for p in prepared]
+    pixels = [p.pixel_values for p in prepared if p.pixel_values is not None]
     out = generate(model, ids, torch.cat(pixels) if pixels else None, max_new_tokens=max_new_tokens,
                    stop_token_ids=tokenizer.stop_token_ids)
     return [_decode(tokenizer, row) for row in out]

@@ -15,7 +15,8 @@ from itertools import islice
 
 import torch
 
-from monovl.images import ImageError, load_pixel_values
+from monovl.images import ImageError
+from monovl.inputs import image_tiles
 from monovl.template import IM_END, IM_START, IMAGE_PLACEHOLDER, add_image_placeholders, expand_images, render
 from monovl.train.data_config import DataConfig
 
@@ -53,7 +54,6 @@ class Renderer:
 
     def __init__(self, cfg: DataConfig, tokenizer, model_cfg):
         self.cfg, self.tok, self.model_cfg = cfg, tokenizer, model_cfg
-        self.n_image_token = model_cfg.num_image_token if model_cfg.vision is not None else 0
         self.header = tokenizer.encode("assistant\n", add_bos=False)
 
     def __call__(self, item: dict) -> Sample:
@@ -84,7 +84,7 @@ class Renderer:
             if m["role"] == "user":  # an answer's literal `<image>` stays text
                 k = m["content"].count(IMAGE_PLACEHOLDER)
                 messages[i] = {"role": "user", "content": expand_images(m["content"], list(islice(tiles, k)),
-                                                                        self.n_image_token)}
+                                                                        self.model_cfg.num_image_token)}
         ids, labels = self._encode(render(messages, system=system))
         return self._fit(Sample(ids, labels, torch.cat(pixels) if pixels else None))
 
@@ -92,9 +92,7 @@ class Renderer:
         if self.model_cfg.vision is None:
             raise BadSample("image_on_text_model", "an image sample for a text-only model")
         try:
-            return load_pixel_values(image, image_size=self.model_cfg.vision.image_size, max_num=self.cfg.max_tiles,
-                                     min_num=self.model_cfg.min_dynamic_patch, use_thumbnail=self.model_cfg.use_thumbnail,
-                                     dynamic=self.model_cfg.dynamic_image_size)
+            return image_tiles(self.model_cfg, image, self.cfg.max_tiles)
         except ImageError as e:
             raise BadSample("bad_image", str(e)) from e
 
@@ -126,7 +124,7 @@ class Renderer:
         kept = s.input_ids[:cut]
         if s.pixel_values is not None and kept.count(self.tok.img_start_id) != kept.count(self.tok.img_end_id):
             raise BadSample("overlong", f"{len(s)} tokens > seq_len {cut} and the cut falls inside an image")
-        n_tiles = kept.count(self.tok.img_context_id) // self.n_image_token if s.pixel_values is not None else 0
+        n_tiles = 0 if s.pixel_values is None else kept.count(self.tok.img_context_id) // self.model_cfg.num_image_token
         out = Sample(kept, s.labels[:cut], s.pixel_values[:n_tiles] if n_tiles else None, truncated=True)
         if out.num_loss_tokens == 0:
             raise BadSample("overlong", f"{len(s)} tokens > seq_len {cut}; the truncated sample has no loss tokens")

@@ -9,13 +9,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from monovl.template import add_image_placeholders
+from monovl.template import MC_SUFFIX, VQA_SUFFIX, YESNO_SUFFIX, add_image_placeholders
 from monovl.world.images import COLOURS, NUMBERS, POSITIONS, SHAPES, WORDS, Scene, Shape, sample_scene
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
-SHORT = "\nAnswer the question using a single word or phrase."
-YESNO = "\nPlease answer yes or no."
-MC = "\nAnswer with the option's letter from the given choices directly."
+SHORT, YESNO, MC = "\n" + VQA_SUFFIX, "\n" + YESNO_SUFFIX, "\n" + MC_SUFFIX
 LETTERS = "ABCD"
 
 
