@@ -120,3 +120,14 @@ def test_every_flag_has_help_text_and_shows_its_default():
             if action.option_strings and action.default not in (None, False, []):
                 assert f"(default:{action.default})".replace(" ", "") in text or "default" in action.help, \
                     f"monovl {name} {action.option_strings[0]}: default not shown"
+
+
+def test_layers_of_docs_architecture():
+    graph = import_graph(top_level_only=False)
+    assert graph["monovl.config"] == set() and graph["monovl.cli"] == set()
+    for m in ("monovl.model.decoder", "monovl.model.vision", "monovl.model.mono"):
+        assert all(d == "monovl.config" or d.startswith("monovl.model") for d in graph[m]), (m, graph[m])
+    apps = ("monovl.serve", "monovl.eval", "monovl.train", "monovl.world", "monovl.loadtest", "monovl.speed")
+    group = lambda m: next((a for a in apps if m == a or m.startswith(a + ".")), None)  # noqa: E731
+    crossing = [(m, d) for m, deps in graph.items() for d in deps if group(m) and group(d) and group(m) != group(d)]
+    assert crossing == []
