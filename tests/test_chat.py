@@ -10,15 +10,14 @@ from PIL import Image
 
 import monovl
 from monovl.cli import main
-from monovl.scratch import write_random_checkpoint
 from monovl.template import build_query
 from spec_checkpoint import write_spec_checkpoint
 from tokenizer_fixture import make_sp_tokenizer_dir
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return write_random_checkpoint(tmp_path_factory.mktemp("random") / "ckpt")
+def ckpt(random_ckpt):
+    return random_ckpt
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,7 @@ def test_stage_configs_chain_delta_and_full(tmp_path):
     assert all(Path(s["path"]).is_relative_to(tmp_path / "world") for s in delta.data.sources)
 
 
+@pytest.mark.slow
 def test_reproduce_trains_every_stage_and_keeps_text_logits_through_s1_3(reproduced):
     root, out = reproduced
     rows = {(r.chain, r.stage): r for r in out["results"]}
@@ -62,6 +63,7 @@ def test_reproduce_trains_every_stage_and_keeps_text_logits_through_s1_3(reprodu
     assert len(json.loads((root / "results.json").read_text())) == 10
 
 
+@pytest.mark.slow
 def test_demo_streams_answers_and_writes_a_report(reproduced, tmp_path):
     _, out = reproduced
     pieces = []

@@ -8,12 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-import monovl
 from monovl.cli import main
 from monovl.eval import run, scoring
 from monovl.eval.benchmarks import (MC_SUFFIX, VQA_SUFFIX, YESNO_SUFFIX, Item, build_prompt, circular_items,
                                load_benchmark, rotate)
-from monovl.scratch import write_random_checkpoint
 
 
 # ---- scoring rules ----
@@ -200,9 +198,8 @@ def test_rotation():
 
 # ---- end to end ----
 @pytest.fixture(scope="module")
-def model_and_tokenizer(tmp_path_factory):
-    path = write_random_checkpoint(tmp_path_factory.mktemp("ck") / "random")
-    return path, *monovl.load(path)
+def model_and_tokenizer(random_ckpt, random_loaded):
+    return random_ckpt, *random_loaded
 
 
 def _mc_rows():

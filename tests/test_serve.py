@@ -15,7 +15,7 @@ from PIL import Image
 
 import monovl
 from monovl.loadtest import run_loadtest
-from monovl.scratch import write_random_checkpoint
+from random_checkpoint import write_random_checkpoint
 from monovl.serve.api import ServeConfig, create_app
 from monovl.serve.engine import Engine
 
@@ -52,8 +52,8 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    return monovl.load(write_random_checkpoint(tmp_path_factory.mktemp("random") / "ckpt"))
+def loaded(random_loaded):
+    return random_loaded
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,13 @@ import torch
 
 import monovl
 from monovl.config import preset
-from monovl.scratch import new_model, write_random_checkpoint
+from monovl.scratch import new_model
 from monovl.serve import Engine, QueueFull, Request, SamplingParams
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    return monovl.load(write_random_checkpoint(tmp_path_factory.mktemp("random") / "ckpt"))
+def loaded(random_loaded):
+    return random_loaded
 
 
 def test_forward_over_cache_rows_equals_own_caches():

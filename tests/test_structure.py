@@ -131,3 +131,21 @@ def test_layers_of_docs_architecture():
     group = lambda m: next((a for a in apps if m == a or m.startswith(a + ".")), None)  # noqa: E731
     crossing = [(m, d) for m, deps in graph.items() for d in deps if group(m) and group(d) and group(m) != group(d)]
     assert crossing == []
+
+
+# Being split on another branch (world/ is owned there); listed so that nothing new joins it.
+LONG_FUNCTIONS_ELSEWHERE = {"monovl.world.generate_world"}
+
+
+def test_no_long_functions_or_files():
+    long_files, long_functions = [], []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text, module = path.read_text(), _module_name(path)
+        if text.count("\n") > 400:
+            long_files.append(module)
+        for node in ast.walk(ast.parse(text)):
+            is_function = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if is_function and node.name != "register" and node.end_lineno - node.lineno + 1 > 60:
+                long_functions.append(f"{module}.{node.name}")
+    assert long_files == []
+    assert set(long_functions) <= LONG_FUNCTIONS_ELSEWHERE, long_functions

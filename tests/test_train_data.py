@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from monovl.config import preset
-from monovl.scratch import SAMPLE_TEXT, new_model
+from monovl.scratch import new_model
+from random_checkpoint import SAMPLE_TEXT
 from monovl.template import IM_END, render
 from monovl.tokenizer import Tokenizer, build_bpe_tokenizer
 from monovl.train.data import DataConfig, SourceConfig, TrainLoader, _items, _parse, expand_meta

@@ -1,6 +1,7 @@
 """Every EViP stage with the shipped tiny recipes: a plain InternLM2 LLM → S1.1 → S1.2 → S1.3 → S2 → chat."""
 from pathlib import Path
 
+import pytest
 import torch
 
 import monovl
@@ -23,6 +24,7 @@ def text_logits(path, question="What is two plus three?"):
         return model(ids)
 
 
+@pytest.mark.slow
 def test_every_stage_from_a_plain_llm(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     generate_world("data/world", scale="small")

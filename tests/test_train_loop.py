@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import monovl
-from monovl.scratch import write_random_checkpoint
+from random_checkpoint import write_random_checkpoint
 from monovl.train import loop, metrics
 from monovl.train.recipe import TrainConfig, apply_overrides, load_recipe, parse_override
 
@@ -218,6 +218,7 @@ def _cli(*args, **kw):
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_the_same_losses(tmp_path):
     recipe = write_recipe(tmp_path, steps=40, every=5, out=tmp_path / "killed")
     proc = _cli("train", str(recipe), "--set", "checkpoint.export=false")
@@ -237,6 +238,7 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path):
     assert losses(tmp_path / "killed") == straight  # exact: fp32, one thread, deterministic data
 
 
+@pytest.mark.slow
 def test_fsdp_two_processes_match_one(tmp_path):
     recipe = write_recipe(tmp_path, stage="s1.3", steps=3, out=tmp_path / "fsdp")
     flat = "optim.min_lr_ratio=1.0"  # constant lr after warmup: the schedule does not depend on the step count
@@ -276,6 +278,7 @@ def test_plot_cli_writes_a_png(tmp_path):
         metrics.plot(tmp_path)
 
 
+@pytest.mark.slow
 def test_bench_measures_delta_and_full():
     from monovl.train.memory import measure
     delta = measure("s1.1", "debug", 0, 2, 32, 1, "cpu", ac=True)

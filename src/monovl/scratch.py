@@ -1,22 +1,10 @@
-"""New models from scratch: random initialisation, and a small random checkpoint for trying monovl out.
-
-The random checkpoint is what `monovl chat` runs when no model is given and no trained tiny model is
-installed: it exercises the whole pipeline (tokenizer, tiling, experts, cache, streaming) but its answers
-are meaningless.
-"""
+"""New models from scratch: random initialisation (the training loop's random presets, the speed benchmark,
+`monovl demo --reproduce` and the tests build models this way)."""
 from __future__ import annotations
-
-import logging
-from pathlib import Path
 
 import torch
 
-from monovl.checkpoint import save_model
-from monovl.config import preset
 from monovl.model import MonoInternVL
-from monovl.tokenizer import build_bpe_tokenizer
-
-log = logging.getLogger(__name__)
 
 
 def random_init_(model: MonoInternVL, seed: int = 0, std: float = 0.02) -> MonoInternVL:
@@ -46,22 +34,3 @@ def random_model(cfg, seed: int = 0, device="cpu") -> MonoInternVL:
     if cfg.image_token_id is None:
         cfg.image_token_id = cfg.llm.vocab_size - 7
     return new_model(cfg, seed, device)
-
-
-SAMPLE_TEXT = """A red circle sits above a blue square. The green triangle is left of the yellow star.
-How many shapes are in the picture? There are three shapes: two circles and one square.
-What colour is the large star? The large star is purple. Describe the image in detail.
-The image shows a small orange square in the top right corner and a white circle in the centre.
-Answer the question using a single word or phrase. Please answer yes or no. Yes. No.
-0 1 2 3 4 5 6 7 8 9 10 11 12 plus minus equals one two three four five six seven eight nine ten."""
-
-
-def write_random_checkpoint(path, preset_name: str = "debug", seed: int = 0) -> Path:
-    """Write a randomly initialised release-format checkpoint with a small BPE tokenizer to `path`."""
-    path = Path(path)
-    tokenizer = build_bpe_tokenizer([SAMPLE_TEXT] * 4, vocab_size=400, out_dir=path)
-    cfg = preset(preset_name, vocab_size=tokenizer.vocab_size)
-    cfg.image_token_id = tokenizer.img_context_id
-    save_model(new_model(cfg, seed), path, tokenizer=tokenizer)
-    log.info("wrote a random %s checkpoint to %s", preset_name, path)
-    return path

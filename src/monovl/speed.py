@@ -44,8 +44,8 @@ class Flops:
     decode_bytes: float  # bytes read per decode step (text weights + KV cache)
 
 
-def count(model: MonoInternVL, n_text: int, n_vis: int, tiles: int, decode_kv: int) -> Flops:
-    c, t = model.cfg.llm, n_text + n_vis
+def count(model: MonoInternVL, n_text: int, num_visual: int, tiles: int, decode_kv: int) -> Flops:
+    c, t = model.cfg.llm, n_text + num_visual
     d, hd = c.hidden_size, c.head_dim
     attn_params = d * (c.num_heads + 2 * c.num_kv_heads) * hd + c.num_heads * hd * d
     ffn_params = 3 * d * c.intermediate_size
@@ -74,12 +74,12 @@ def run_bench(model: MonoInternVL, *, tiles: int = 1, text_tokens: int = 32, dec
     device, dtype = p.device, p.dtype
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     img = model.cfg.image_token_id
-    n_vis = model.cfg.num_image_token * tiles if model.cfg.vision is not None and tiles else 0
+    num_visual = model.cfg.num_image_token * tiles if model.cfg.vision is not None and tiles else 0
     g = torch.Generator().manual_seed(0)
     text = torch.randint(3, min(model.cfg.llm.vocab_size, 90000), (text_tokens,), generator=g)
-    ids = torch.cat([text[:4], torch.full((n_vis,), img if n_vis else 0), text[4:]])[None].to(device)  # (1, T)
+    ids = torch.cat([text[:4], torch.full((num_visual,), img if num_visual else 0), text[4:]])[None].to(device)  # (1, T)
     pv = torch.randn(tiles, 3, model.cfg.vision.image_size, model.cfg.vision.image_size, generator=g).to(
-        device, dtype) if n_vis else None
+        device, dtype) if num_visual else None
     t = ids.shape[1]
     cache = model.new_cache(1, t + decode_tokens + 1)
     pos = torch.arange(t, device=device)[None]
@@ -110,9 +110,9 @@ def run_bench(model: MonoInternVL, *, tiles: int = 1, text_tokens: int = 32, dec
             decode_s = min(decode_s, _best(lambda: decode(tok), 1) / max(decode_tokens, 1))
             if dense:
                 dense_s = min(dense_s, _best(dense_blend, 1))
-    f = count(model, text_tokens, n_vis, tiles, t + decode_tokens // 2)
+    f = count(model, text_tokens, num_visual, tiles, t + decode_tokens // 2)
     dense_s = dense_s if dense else float("nan")
-    return dict(tokens=t, visual_tokens=n_vis, ttft_s=ttft, prefill_tok_s=t / ttft,
+    return dict(tokens=t, visual_tokens=num_visual, ttft_s=ttft, prefill_tok_s=t / ttft,
                 prefill_gflops=f.prefill / ttft / 1e9, decode_tok_s=1 / decode_s,
                 decode_gbs=f.decode_bytes / decode_s / 1e9, dense_ttft_s=dense_s,
                 dense_gflops=f.dense / dense_s / 1e9, dense_over_routed=dense_s / ttft)

@@ -22,13 +22,13 @@ def cmd_eval(args) -> int:
 
 
 def register(subparsers) -> None:
-    from monovl.eval.benchmarks import KINDS
+    from monovl.eval.benchmarks import BENCHMARK_KINDS
 
     e = subparsers.add_parser("eval", help="evaluate a checkpoint on VLMEvalKit-format benchmark TSVs")
     add_model_args(e, required=True)
     e.add_argument("--bench", nargs="+", required=True, metavar="FILE.tsv", help="benchmark TSV file(s)")
     e.add_argument("--out", default="eval_results", help="folder for predictions and results")
-    e.add_argument("--kind", choices=KINDS, help="scoring rule (default: inferred from the columns)")
+    e.add_argument("--kind", choices=BENCHMARK_KINDS, help="scoring rule (default: inferred from the columns)")
     e.add_argument("--batch-size", type=int, default=8, help="questions generated together")
     e.add_argument("--max-tiles", type=int, default=6, help="tile budget per image")
     e.add_argument("--max-new-tokens", type=int, help="answer budget (default: by kind, 32 to 128)")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from monovl.template import MC_SUFFIX, MC_SUFFIX_CN, VQA_SUFFIX, YESNO_SUFFIX
 
-KINDS = ("mc", "yesno", "vqa", "anls", "relaxed", "ocrbench")
+BENCHMARK_KINDS = ("mc", "yesno", "vqa", "anls", "relaxed", "ocrbench")
 CIRCULAR_STEP = 1_000_000  # CircularEval copy k of a question has index + k * CIRCULAR_STEP
 _CJK = re.compile(r"[\u4e00-\u9fff]")
 
@@ -149,10 +149,10 @@ def infer_kind(items: list[Item]) -> str:
 
 
 def load_benchmark(path, kind: str | None = None) -> Benchmark:
-    """Read a benchmark TSV; `kind` (one of KINDS) overrides the kind inferred from the columns."""
+    """Read a benchmark TSV; `kind` (one of BENCHMARK_KINDS) overrides the kind inferred from the columns."""
     path = Path(path)
-    if kind is not None and kind not in KINDS:
-        raise ValueError(f"unknown benchmark kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind is not None and kind not in BENCHMARK_KINDS:
+        raise ValueError(f"unknown benchmark kind {kind!r}; choose one of {', '.join(BENCHMARK_KINDS)}")
     columns, rows = read_rows(path)
     letters = _option_columns(columns)
     by_index = {row["index"].strip(): row for row in rows}

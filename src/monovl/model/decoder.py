@@ -65,9 +65,9 @@ class Routing:
     @classmethod
     def build(cls, visual_mask: torch.Tensor, dense: bool = False) -> "Routing":
         flat = visual_mask.reshape(-1)
-        n_vis = int(flat.sum())  # the only host sync of the routing, once per forward
-        vis = flat.nonzero().squeeze(1) if n_vis else None
-        txt = (~flat).nonzero().squeeze(1) if n_vis < flat.numel() else None
+        num_visual = int(flat.sum())  # the only host sync of the routing, once per forward
+        vis = flat.nonzero().squeeze(1) if num_visual else None
+        txt = (~flat).nonzero().squeeze(1) if num_visual < flat.numel() else None
         return cls(visual_mask, vis, txt, dense)
 
     def __call__(self, x: torch.Tensor, text_fn, visual_fn) -> torch.Tensor:
@@ -136,7 +136,7 @@ class KVCache:
 
 
 @dataclass
-class Step:
+class ForwardContext:
     """What every layer of one forward shares."""
     routing: Routing
     cos: torch.Tensor  # (B, T, Dh)
@@ -159,15 +159,15 @@ class DecoderLayer(nn.Module):
         self.feed_forward = FeedForward(cfg)
         self.feed_forward_ve = FeedForward(cfg) if cfg.visual_ffn_experts else None
 
-    def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, layer: int) -> torch.Tensor:
         ve = self.attention_ve
         ve_wqkv, ve_wo = (ve.wqkv, ve.wo) if ve is not None else (None, None)
-        qkv = step.routing(self.attention_norm(x), self.attention.wqkv, ve_wqkv)  # (B, T, (H+2Hkv)*Dh)
-        o = self._attend(qkv, step, layer)  # (B, T, H*Dh)
-        x = x + step.routing(o, self.attention.wo, ve_wo)
-        return x + step.routing(self.ffn_norm(x), self.feed_forward, self.feed_forward_ve)
+        qkv = ctx.routing(self.attention_norm(x), self.attention.wqkv, ve_wqkv)  # (B, T, (H+2Hkv)*Dh)
+        o = self._attend(qkv, ctx, layer)  # (B, T, H*Dh)
+        x = x + ctx.routing(o, self.attention.wo, ve_wo)
+        return x + ctx.routing(self.ffn_norm(x), self.feed_forward, self.feed_forward_ve)
 
-    def _attend(self, qkv: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
+    def _attend(self, qkv: torch.Tensor, ctx: ForwardContext, layer: int) -> torch.Tensor:
         c = self.cfg
         b, t, _ = qkv.shape
         n_rep = c.num_heads // c.num_kv_heads
@@ -175,12 +175,12 @@ class DecoderLayer(nn.Module):
         q = qkv[:, :, :, :n_rep].reshape(b, t, c.num_heads, c.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         k = qkv[:, :, :, -2].transpose(1, 2)  # (B, Hkv, T, Dh)
         v = qkv[:, :, :, -1].transpose(1, 2)  # (B, Hkv, T, Dh)
-        q, k = apply_rope(q, step.cos, step.sin), apply_rope(k, step.cos, step.sin)
-        if step.cache is not None:
-            k, v = step.cache.update(layer, step.input_pos, k, v, step.kv_len, step.cache_rows)  # (B, Hkv, S, Dh)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(layer, ctx.input_pos, k, v, ctx.kv_len, ctx.cache_rows)  # (B, Hkv, S, Dh)
         if n_rep > 1:
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # (B, H, S, Dh)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.mask is None,
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None,
                                            scale=1.0 / math.sqrt(c.head_dim))  # (B, H, T, Dh)
         return o.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim)
 
@@ -227,9 +227,9 @@ class InternLM2ForCausalLM(nn.Module):
             keys = torch.arange(kv_len, device=x.device)
             mask = keys[None, None, None, :] <= input_pos[:, None, :, None]  # (B, 1, T, S)
         cos, sin = rope_cos_sin(self.cfg, input_pos, kv_len, x.dtype)
-        step = Step(Routing.build(visual_mask, dense), cos, sin, input_pos, kv_len, mask, cache, cache_rows)
+        ctx = ForwardContext(Routing.build(visual_mask, dense), cos, sin, input_pos, kv_len, mask, cache, cache_rows)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, step, i)
+            x = layer(x, ctx, i)
         if logits_at is not None:
             x = x[torch.arange(b, device=x.device), logits_at][:, None]  # (B, 1, D)
         return self.output(self.model.norm(x))  # (B, T', V)

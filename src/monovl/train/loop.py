@@ -167,9 +167,28 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def train(cfg: TrainConfig, data=None) -> dict:
-    """Run `cfg`; `data` (an iterator of batch dicts with state_dict/load_state_dict) replaces `[data]`.
-    Returns {"step", "losses", "skipped", "run_dir", "final"}."""
+def prepare_model(cfg: TrainConfig, device: torch.device, mesh, compute_dtype):
+    """(model, tokenizer) built and transformed in a visible order: freeze, LoRA, activation checkpointing,
+    compile, FSDP."""
+    torch.manual_seed(cfg.run.seed)
+    model, tokenizer = build_model(cfg, device)
+    m = cfg.model
+    if m.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16"):
+        raise ValueError(f"model.dtype {m.dtype!r}: choose auto, float32 or bfloat16")
+    freeze(model, m.trainable or m.stage)
+    if m.lora_targets:
+        apply_lora(model, m.lora_targets, m.lora_rank, m.lora_alpha)
+    if m.activation_checkpointing:
+        parallel.apply_ac(model)
+    if m.compile:
+        parallel.apply_compile(model)
+    if mesh is not None:
+        parallel.apply_fsdp(model, mesh, param_dtype=compute_dtype)
+    return model, tokenizer
+
+
+def _setup(cfg: TrainConfig):
+    """(device, rank, world size, device mesh or None, compute dtype or None) of this process."""
     device = _device(cfg.run.device)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
@@ -180,48 +199,72 @@ def train(cfg: TrainConfig, data=None) -> dict:
         if device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
     bf16 = cfg.model.dtype in ("bf16", "bfloat16") or (cfg.model.dtype == "auto" and device.type == "cuda")
-    compute_dtype = torch.bfloat16 if bf16 else None
-    run_dir = Path(cfg.run.out_dir)
-    ckpt_dir = run_dir / "checkpoints"
+    return device, rank, world, mesh, torch.bfloat16 if bf16 else None
 
-    torch.manual_seed(cfg.run.seed)
-    model, tokenizer = build_model(cfg, device)
-    m = cfg.model
-    if m.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16"):
-        raise ValueError(f"model.dtype {m.dtype!r}: choose auto, float32 or bfloat16")
-    freeze(model, m.trainable or m.stage)
-    if m.lora_targets:
-        apply_lora(model, m.lora_targets, m.lora_rank, m.lora_alpha)
-    if cfg.model.activation_checkpointing:
-        parallel.apply_ac(model)
-    if cfg.model.compile:
-        parallel.apply_compile(model)
-    if mesh is not None:
-        parallel.apply_fsdp(model, mesh, param_dtype=compute_dtype)
+
+def _optimizer_step(model, micro: list[dict], params, optimizer, grad_clip: float, world: int, autocast_dtype,
+                    step: int) -> tuple[float, float, int]:
+    """Forward/backward over the micro batches, clip, and step unless the loss or the gradient is not finite.
+    Returns (loss, grad norm, tokens of the global batch)."""
+    n_labels = _all_sum(sum((b["labels"][:, 1:] != -100).sum() for b in micro).float())
+    n_tokens = int(_all_sum(torch.tensor(float(sum(b["input_ids"].numel() for b in micro)))))
+    if n_labels.item() == 0:
+        raise ValueError(f"step {step}: the batch has no label tokens (every label is -100)")
+    total_loss = torch.zeros((), device=micro[0]["input_ids"].device)
+    for b in micro:
+        s = loss_sum(model, b, autocast_dtype)
+        (s * world / n_labels).backward()  # FSDP averages gradients over the processes
+        total_loss += s.detach()
+    loss = float(_all_sum(total_loss) / n_labels)
+    grad_norm = float("nan")
+    if math.isfinite(loss):
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if math.isfinite(grad_norm):
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm, n_tokens
+
+
+def _resume(ckpt_dir: Path, model, optimizer, scheduler, data) -> tuple[int, int]:
+    """Load the newest training state in `ckpt_dir`, if any; (step reached, steps skipped so far)."""
+    states = list_states(ckpt_dir)
+    if not states:
+        return 0, 0
+    trainer = load_state(states[-1], model, optimizer)
+    scheduler.load_state_dict(trainer["scheduler"])
+    data.load_state_dict(trainer["data"])
+    return trainer["step"], trainer["skipped"]
+
+
+def _open_metrics(cfg: TrainConfig, run_dir: Path, start: int) -> MetricsWriter:
+    """The metrics writer, with the resolved recipe (overrides applied) written next to the metrics."""
+    metrics = MetricsWriter(run_dir, resume_step=start, tensorboard=cfg.run.tensorboard)
+    (run_dir / "recipe.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    return metrics
+
+
+def train(cfg: TrainConfig, data=None) -> dict:
+    """Run `cfg`; `data` (an iterator of batch dicts with state_dict/load_state_dict) replaces `[data]`.
+    Returns {"step", "losses", "skipped", "run_dir", "final"}."""
+    device, rank, world, mesh, compute_dtype = _setup(cfg)
+    run_dir, o, total = Path(cfg.run.out_dir), cfg.optim, cfg.schedule.steps
+    ckpt_dir = run_dir / "checkpoints"
+    model, tokenizer = prepare_model(cfg, device, mesh, compute_dtype)
     autocast_dtype = compute_dtype if mesh is None else None  # FSDP casts parameters itself
-    o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-    total = cfg.schedule.steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.schedule.warmup_steps, total, o.min_lr_ratio))
     data = data if data is not None else build_data(cfg, model.cfg, tokenizer, rank, world)
 
-    start, skipped = 0, 0
-    states = list_states(ckpt_dir) if cfg.run.resume else []
-    if states:
-        trainer = load_state(states[-1], model, optimizer)
-        scheduler.load_state_dict(trainer["scheduler"])
-        data.load_state_dict(trainer["data"])
-        start, skipped = trainer["step"], trainer["skipped"]
-
+    start, skipped = _resume(ckpt_dir, model, optimizer, scheduler, data) if cfg.run.resume else (0, 0)
     stream = iter(data)
 
-    def trainer_state():
-        return {"scheduler": scheduler.state_dict(), "data": data.state_dict(), "skipped": skipped}
+    def save(step: int) -> None:
+        trainer = {"scheduler": scheduler.state_dict(), "data": data.state_dict(), "skipped": skipped}
+        save_state(ckpt_dir, step, model, optimizer, trainer, cfg.checkpoint.keep_last)
 
-    metrics = MetricsWriter(run_dir, resume_step=start, tensorboard=cfg.run.tensorboard) if rank == 0 else None
-    if rank == 0:  # the resolved recipe, overrides applied, next to the metrics
-        (run_dir / "recipe.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    metrics = _open_metrics(cfg, run_dir, start) if rank == 0 else None
     params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(total=total, initial=start, disable=not cfg.run.progress or rank != 0, desc="train",
                dynamic_ncols=True)
@@ -230,31 +273,14 @@ def train(cfg: TrainConfig, data=None) -> dict:
         for step in range(start + 1, total + 1):
             t0 = time.perf_counter()
             micro = [_to(next(stream), device) for _ in range(o.grad_accum)]
-            n_labels = _all_sum(sum((b["labels"][:, 1:] != -100).sum() for b in micro).float())
-            n_tokens = int(_all_sum(torch.tensor(float(sum(b["input_ids"].numel() for b in micro)))))
-            if n_labels.item() == 0:
-                raise ValueError(f"step {step}: the batch has no label tokens (every label is -100)")
-            total_loss = torch.zeros((), device=device)
-            for b in micro:
-                s = loss_sum(model, b, autocast_dtype)
-                (s * world / n_labels).backward()  # FSDP averages gradients over the processes
-                total_loss += s.detach()
-            loss = float(_all_sum(total_loss) / n_labels)
-            grad_norm = float("nan")
-            ok = math.isfinite(loss)
-            if ok:
-                norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf"))
-                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-                ok = math.isfinite(grad_norm)
-            if ok:
-                optimizer.step()
+            loss, grad_norm, n_tokens = _optimizer_step(model, micro, params, optimizer, o.grad_clip, world,
+                                                        autocast_dtype, step)
+            if math.isfinite(loss) and math.isfinite(grad_norm):
                 consecutive = 0
             else:
-                skipped += 1
-                consecutive += 1
+                skipped, consecutive = skipped + 1, consecutive + 1
                 log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s): step skipped",
                             step, loss, grad_norm)
-            optimizer.zero_grad(set_to_none=True)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             losses.append(loss)
@@ -265,14 +291,14 @@ def train(cfg: TrainConfig, data=None) -> dict:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tokens / dt:.0f}")
             bar.update(1)
             if consecutive >= cfg.run.max_consecutive_nonfinite:
-                save_state(ckpt_dir, step, model, optimizer, trainer_state(), cfg.checkpoint.keep_last)
+                save(step)
                 raise NonFiniteLossError(
                     f"{consecutive} non-finite (NaN/inf) steps in a row, up to step {step}: stopping; the training "
                     f"state was saved in {ckpt_dir}. Lower optim.lr, check the data, or raise "
                     "run.max_consecutive_nonfinite")
             if step == total or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-                save_state(ckpt_dir, step, model, optimizer, trainer_state(), cfg.checkpoint.keep_last)
-        final = _export(model, tokenizer, run_dir / "final", device, m) if cfg.checkpoint.export else None
+                save(step)
+        final = _export(model, tokenizer, run_dir / "final", device, cfg.model) if cfg.checkpoint.export else None
     finally:
         bar.close()
         if metrics is not None:
