@@ -77,7 +77,8 @@ def run_bench(model: MonoInternVL, *, tiles: int = 1, text_tokens: int = 32, dec
     num_visual = model.cfg.num_image_token * tiles if model.cfg.vision is not None and tiles else 0
     g = torch.Generator().manual_seed(0)
     text = torch.randint(3, min(model.cfg.llm.vocab_size, 90000), (text_tokens,), generator=g)
-    ids = torch.cat([text[:4], torch.full((num_visual,), img if num_visual else 0), text[4:]])[None].to(device)  # (1, T)
+    visual = torch.full((num_visual,), img if num_visual else 0)
+    ids = torch.cat([text[:4], visual, text[4:]])[None].to(device)  # (1, T)
     pv = torch.randn(tiles, 3, model.cfg.vision.image_size, model.cfg.vision.image_size, generator=g).to(
         device, dtype) if num_visual else None
     t = ids.shape[1]
