@@ -25,6 +25,24 @@ def test_normalize_vqa():
     assert scoring.normalize_vqa("yes, sir") == "yes sir"
 
 
+@pytest.mark.parametrize("text, normalised", [
+    # EvalAI's contraction table exactly: these are in it ...
+    ("wheres", "where's"), ("whens", "when's"), ("twas", "'twas"), ("somebodys", "somebody's"),
+    ("couldnt've", "couldn't've"), ("yall'd've", "y'all'd've"), ("somebody'd", "somebodyd"),
+    # ... and these are not (lookup after lower-casing, so "Im" / "Ive" never match either)
+    ("im", "im"), ("ive", "ive"), ("lets", "lets"), ("shes", "shes"), ("shed", "shed"), ("wed", "wed"),
+    ("Im", "im"),
+    # a period next to a digit stays (VLMEvalKit's current pattern); others go
+    ("2.", "2."), ("version 3.5.", "version 3.5."), ("end. now", "end now"),
+])
+def test_normalize_vqa_evalai_tables(text, normalised):
+    assert scoring.normalize_vqa(text) == normalised
+
+
+def test_normalize_vqa_removes_at_most_32_periods():  # VLMEvalKit passes re.UNICODE (32) as `count`
+    assert scoring.normalize_vqa(". " * 40).replace(" ", "") == "." * 8
+
+
 @pytest.mark.parametrize("matches, expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
 def test_vqa_accuracy_ten_answers(matches, expected):
     # k matches: the k left-out matching answers see k-1 others, the 10-k others see k -> mean of min(1, ./3)
@@ -41,7 +59,8 @@ def test_anls():
     assert scoring.levenshtein("kitten", "sitting") == 3
     assert scoring.anls("hallo", ["hello"]) == pytest.approx(0.8)  # 1 - 1/5
     assert scoring.anls("HELLO  world", ["hello world"]) == 1.0
-    assert scoring.anls("abcd", ["abxy"]) == 0.0  # NL = 2/4 = tau -> 0
+    assert scoring.anls("abcd", ["abxy"]) == 0.5  # NL = 2/4 = tau: 1 - NL = 0.5 is not below tau -> kept
+    assert scoring.anls("abcde", ["abxyz"]) == 0.0  # NL = 3/5 > tau
     assert scoring.anls("abcd", ["abcx"]) == pytest.approx(0.75)
     assert scoring.anls("xyz", ["nothing", "xya"]) == pytest.approx(2 / 3)  # best reference counts
 
@@ -57,6 +76,30 @@ def test_relaxed_accuracy():
     assert scoring.relaxed_accuracy("Lyon", ["paris"]) == 0.0
 
 
+@pytest.mark.parametrize("prediction, answers, hit", [
+    ("1,000", ["1000"], 0.0), ("1000", ["1,000"], 0.0), ("1,000", ["1,000"], 1.0),  # float() has no commas
+    ("0.0", ["0"], 0.0), ("0", ["0"], 1.0), ("0.01", ["0"], 0.0),  # reference 0 -> string equality
+    (" 5 ", ["5.2"], 1.0),  # the prediction is stripped
+    ("5", [" 5"], 1.0), ("abc", [" abc"], 0.0),  # float() strips the reference; string equality does not
+])
+def test_relaxed_accuracy_vlmevalkit_rules(prediction, answers, hit):
+    assert scoring.relaxed_accuracy(prediction, answers) == hit
+
+
+def test_anls_divides_by_raw_lengths():
+    # distance 0 after collapsing spaces, so the length does not matter here ...
+    assert scoring.anls("a   b", ["a b"]) == 1.0
+    # ... but here: distance("ab", "abc") = 1 over the raw length 6 of "ab    ", not over 3
+    assert scoring.anls("ab    ", ["abc"]) == pytest.approx(1 - 1 / 6)
+    assert scoring.anls("", [""]) == 1.0
+
+
+def test_exact_accuracy():
+    assert scoring.exact_accuracy(" Yes ", ["yes"]) == 1.0
+    assert scoring.exact_accuracy("a dog", ["dog"]) == 0.0  # no EvalAI normalisation
+    assert scoring.exact_accuracy("Harry Potter", ["harry potter", "x"]) == 1.0
+
+
 def test_ocrbench_containment():
     assert scoring.ocrbench_hit("The sign says STOP here", ["stop"]) == 1.0
     assert scoring.ocrbench_hit("go", ["stop", "Go "]) == 1.0
@@ -64,6 +107,8 @@ def test_ocrbench_containment():
     math = "Handwritten Mathematical Expression Recognition"
     assert scoring.ocrbench_hit("x ^ { 2 }", ["x^{2}"], math) == 1.0
     assert scoring.ocrbench_hit("X^{2}", ["x^{2}"], math) == 0.0  # case kept for formulas
+    assert scoring.ocrbench_hit("\tx ^ 2\t", ["x^2"], math) == 1.0  # stripped (tabs too) before spaces go
+    assert scoring.ocrbench_hit("x^2", ["\tx^2"], math) == 1.0
 
 
 OPTIONS = {"A": "red", "B": "dark red", "C": "blue", "D": "a green cat"}
@@ -71,8 +116,16 @@ OPTIONS = {"A": "red", "B": "dark red", "C": "blue", "D": "a green cat"}
 
 @pytest.mark.parametrize("prediction, letter", [
     ("B", "B"), ("(C)", "C"), ("C.", "C"), ("The answer is D.", "D"), ("B. dark red", "B"), ("A", "A"),
-    ("blue", "C"), ("It is dark red", "B"), ("red", "A"), ("A cat sat on it", None), ("B or C", None),
-    ("I do not know", None), ("", None), ("bluest", None),
+    ("The answer is A.", "A"), ("The answer is A", "A"), ("I think the answer is (A).", "A"),
+    ("The correct answer is **B**. Here is why: it is the darkest of them all", "B"),
+    ("blue", "C"), ("red", "A"), ("bluest", "C"),  # option text: a substring, exactly one option
+    ("It is dark red", None),  # "red" and "dark red" both match: no longest-option rule
+    ("'A'", None), ('"B"', None), ("`C`", None),  # quotes and backticks are not stripped
+    ("A cat sat on it", None),  # the letter is not among the last four tokens
+    ("A is right, I believe", None), ("I pick A for sure", "A"),
+    ("B or C", None), ("I do not know", None), ("", None), ("Z", "Z"),
+    ("Cannot determine the answer", "Z"),
+    ("blue " * 40, None),  # longer than twice all option texts: no text rule
 ])
 def test_extract_choice(prediction, letter):
     assert scoring.extract_choice(prediction, OPTIONS) == letter
@@ -81,6 +134,7 @@ def test_extract_choice(prediction, letter):
 def test_score_mc_unextractable_is_wrong():
     assert scoring.score_mc("maybe", OPTIONS, "A") == (0.0, None)
     assert scoring.score_mc("blue", OPTIONS, "C") == (1.0, "C")
+    assert scoring.score_mc("The answer is A.", OPTIONS, "A") == (1.0, "A")
 
 
 def test_yes_no():
@@ -91,13 +145,30 @@ def test_yes_no():
     assert scoring.score_yes_no("Yes", "No") == (0.0, "yes")
 
 
+@pytest.mark.parametrize("prediction, said", [
+    ("Yes", "yes"), ("yes.", "yes"), ("Yes, there is one", "yes"), ("No!", "no"), ("(no)", "no"),
+    ("**Yes**", None), ("Yes: there is one", None), ("Yes。", None), ("Noël", None), ("no-one", "no"),
+])
+def test_yes_no_punctuation_as_vlmevalkit(prediction, said):
+    assert scoring.extract_yes_no(prediction) == said
+
+
 def test_mme_acc_plus():
     rows = [("color", "i1", 1.0), ("color", "i1", 1.0), ("color", "i2", 1.0), ("color", "i2", 0.0),
             ("count", "i3", 0.0), ("count", "i3", 0.0)]
     out = scoring.mme_scores(rows)
     assert out["categories"]["color"] == {"acc": 0.75, "acc_plus": 0.5, "score": 125.0}
     assert out["categories"]["count"]["score"] == 0.0
-    assert out["score"] == 125.0
+    assert out["score"] == 125.0 and out["perception"] == 125.0 and out["cognition"] == 0
+
+
+def test_mme_perception_and_cognition():
+    rows = [("color", "i1", 1.0), ("color", "i1", 1.0), ("OCR", "i2", 1.0), ("OCR", "i2", 0.0),
+            ("code_reasoning", "i3", 1.0), ("code_reasoning", "i3", 1.0), ("other", "i4", 1.0)]
+    out = scoring.mme_scores(rows)
+    assert out["perception"] == 200.0 + 50.0 and out["cognition"] == 200.0 and out["total"] == 450.0
+    assert out["score"] == 650.0  # every category, "other" included
+    assert "perception" not in scoring.mme_scores([("shapes", "i1", 1.0)])  # not MME: no super-categories
 
 
 def test_circular_accuracy():

@@ -8,43 +8,9 @@ import re
 from collections import defaultdict
 from collections.abc import Sequence
 
-# ---- EvalAI VQA answer normalisation ----
-_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
-_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
-_PERIOD_STRIP = re.compile(r"\.(?!\d)")  # the official pattern's effect: a period not followed by a digit goes
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-_ARTICLES = {"a", "an", "the"}
-# Apostrophe-less spellings -> EvalAI's spelling (the common part of its table).
-_CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't",
-    "havent": "haven't", "hed": "he'd", "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's",
-    "Im": "I'm", "im": "i'm", "ive": "i've", "isnt": "isn't", "itd": "it'd", "itll": "it'll", "lets": "let's",
-    "maam": "ma'am", "mightnt": "mightn't", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
-    "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "shant": "shan't", "shed": "she'd",
-    "shes": "she's", "shouldve": "should've", "shouldnt": "shouldn't", "thats": "that's", "thered": "there'd",
-    "theres": "there's", "theyd": "they'd", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
-    "wasnt": "wasn't", "wed": "we'd", "weve": "we've", "werent": "weren't", "whats": "what's", "whod": "who'd",
-    "whos": "who's", "whove": "who've", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
-    "yall": "y'all", "youd": "you'd", "youll": "you'll", "youre": "you're", "youve": "you've",
-}
+from monovl.eval.evalai import normalize_vqa, punctuation
 
-
-def normalize_vqa(text: str) -> str:
-    """EvalAI normalisation: punctuation, periods, lower case, number words -> digits, articles, contractions."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    out = text
-    for p in _PUNCT:
-        # Punctuation next to a space, or any text with a thousands comma, loses it; else it becomes a space.
-        if p + " " in text or " " + p in text or _COMMA_STRIP.search(text):
-            out = out.replace(p, "")
-        else:
-            out = out.replace(p, " ")
-    out = _PERIOD_STRIP.sub("", out)
-    words = [_NUMBERS.get(w, w) for w in out.lower().split()]
-    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
-
+__all__ = ["normalize_vqa"]  # re-exported: the VQA rules' normalisation
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     """VQA accuracy: one reference -> exact match after normalisation; several -> mean over i of
@@ -60,6 +26,12 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     return sum(min(1.0, (total - h) / 3) for h in hits) / len(refs)
 
 
+def exact_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """GQA / OCRVQA: 1 if the prediction equals a reference ignoring case and surrounding spaces."""
+    pred = prediction.strip().lower()
+    return float(any(a.strip().lower() == pred for a in answers))
+
+
 # ---- ANLS (DocVQA, InfoVQA) ----
 def levenshtein(a: str, b: str) -> int:
     prev = list(range(len(b) + 1))
@@ -71,86 +43,113 @@ def levenshtein(a: str, b: str) -> int:
     return prev[-1]
 
 
-def anls(prediction: str, answers: Sequence[str], tau: float = 0.5) -> float:
-    """max over references of 1 - NL (NL = edit distance / longer length, case-folded, spaces collapsed),
-    or 0 where NL >= tau."""
+def normalized_levenshtein(prediction: str, answer: str) -> float:
+    """Edit distance of the case-folded, space-collapsed strings over the longer RAW length (as upper-cased,
+    so "ß" counts 2), as VLMEvalKit's `anls_compute` divides; 0 for two empty strings."""
     pred = " ".join(prediction.strip().lower().split())
-    best = 0.0
-    for answer in answers:
-        ref = " ".join(answer.strip().lower().split())
-        length = max(len(pred), len(ref))
-        nl = levenshtein(pred, ref) / length if length else 0.0
-        best = max(best, 1.0 - nl if nl < tau else 0.0)
-    return best
+    ref = " ".join(answer.strip().lower().split())
+    length = max(len(answer.upper()), len(prediction.upper()))
+    return levenshtein(pred, ref) / length if length else 0.0
+
+
+def anls(prediction: str, answers: Sequence[str], tau: float = 0.5) -> float:
+    """1 - the smallest normalised distance to a reference, or 0 when that is below `tau` (so NL = 0.5 -> 0.5)."""
+    if not answers:
+        raise ValueError("anls needs at least one reference answer")
+    score = 1.0 - min(normalized_levenshtein(prediction, a) for a in answers)
+    return 0.0 if score < tau else score
 
 
 # ---- relaxed accuracy (ChartQA) ----
 def _to_float(text: str) -> float | None:
-    text = text.strip().replace(",", "")
+    """Python's float() of the text (so "1,000" is not a number), a trailing % dividing by 100."""
     try:
-        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        return float(text.rstrip("%")) / 100 if text.endswith("%") else float(text)
     except ValueError:
         return None
 
 
 def relaxed_accuracy(prediction: str, answers: Sequence[str], tolerance: float = 0.05) -> float:
-    """1 if a numeric prediction is within `tolerance` relative error of a numeric reference, or the strings
-    are equal ignoring case; max over references."""
+    """Max over references of: relative error <= `tolerance` when the stripped prediction and the reference are
+    numbers and the reference is not 0; else equality ignoring case (the reference is not stripped)."""
+    pred = prediction.strip()
+    pred_num = _to_float(pred)
     for answer in answers:
-        pred, ref = _to_float(prediction), _to_float(answer)
-        if pred is not None and ref is not None:
-            ok = pred == ref if ref == 0 else abs(pred - ref) / abs(ref) <= tolerance
+        ref_num = _to_float(answer)
+        if pred_num is not None and ref_num:
+            ok = abs(pred_num - ref_num) / abs(ref_num) <= tolerance
         else:
-            ok = prediction.strip().lower() == answer.strip().lower()
+            ok = pred.lower() == answer.lower()
         if ok:
             return 1.0
     return 0.0
 
 
 # ---- OCRBench ----
+OCRBENCH_MATH = "Handwritten Mathematical Expression Recognition"
+
+
 def _ocr_norm(text: str, math: bool) -> str:
-    return text.replace("\n", "").replace(" ", "") if math else text.lower().strip().replace("\n", " ")
+    if math:
+        return text.strip().replace("\n", " ").replace(" ", "")
+    return text.lower().strip().replace("\n", " ")
 
 
 def ocrbench_hit(prediction: str, answers: Sequence[str], category: str | None = None) -> float:
     """1 if any normalised reference is a substring of the normalised prediction. Normalised: lower case,
-    stripped, newlines as spaces; for handwritten math expressions: all spaces and newlines removed, case kept."""
-    math = category == "Handwritten Mathematical Expression Recognition"
+    stripped, newlines as spaces; for handwritten math expressions: stripped, then every space and newline
+    removed, case kept."""
+    math = category == OCRBENCH_MATH
     pred = _ocr_norm(prediction, math)
     return float(any(_ocr_norm(a, math) in pred for a in answers))
 
 
-# ---- multiple choice and yes/no extraction ----
-_STRIP_CHARS = re.compile(r"[.()\[\],:;!*#{}\"'`]")
+# ---- multiple choice and yes/no extraction (VLMEvalKit's `can_infer`, exact-matching mode) ----
+NO_CHOICE = "Z"  # what a refusal or "none of the options" is extracted as; it matches no answer letter
+_LETTER_SEPARATORS = re.compile(r"[.()\[\],:;!*#{}]")
+_ANSWER_IS = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
+_REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+             "I'm sorry, but without the image provided", "Cannot determine the answer")
+_API_FAILURE = "Failed to obtain answer via API"
 
 
-def _contains_phrase(text: str, phrase: str) -> bool:
-    """`phrase` occurs in `text` ignoring case, not inside a longer word ("no" is not in "cannot")."""
-    pattern = r"(?<!\w)" + re.escape(phrase.strip().lower()) + r"(?!\w)"
-    return re.search(pattern, text.lower()) is not None
+def _choice_letter(prediction: str, letters: Sequence[str]) -> str | None:
+    """The option letter written as a token of its own among the last four tokens, when exactly one option
+    letter occurs (tokens split at spaces and . ( ) [ ] , : ; ! * # { }; quotes are kept, so "'A'" is no
+    letter); Z for a refusal or a lone Z; else the letter of "answer is X" / "correct answer is **X**"."""
+    if _API_FAILURE in prediction:
+        return None
+    if any(r in prediction for r in _REFUSALS):
+        return NO_CHOICE
+    tokens = _LETTER_SEPARATORS.sub(" ", prediction).split()
+    named = [c for c in letters if c in tokens]
+    if len(named) == 1 and tokens.index(named[0]) > len(tokens) - 5:
+        return named[0]
+    if not named and NO_CHOICE in tokens:
+        return NO_CHOICE
+    m = _ANSWER_IS.search(prediction)
+    return m.group(1).upper() if m and m.group(1).upper() in letters else None
 
 
-def extract_choice(prediction: str, options: dict[str, str]) -> str | None:
-    """The option letter a prediction names, or None when it cannot be told.
-
-    First a letter of `options` standing as a word of its own (exactly one such letter; a lone 'A' in a
-    longer sentence is read as the article); else the one option whose text the prediction contains
-    (ignoring case, as whole words; texts contained in a longer matching option are dropped).
-    """
-    words = _STRIP_CHARS.sub(" ", prediction).split()
-    letters = {w for w in words if w in options}
-    if len(letters) == 1:
-        (letter,) = letters
-        if not (letter == "A" and len(words) > 3):
-            return letter
-    found = [c for c, t in options.items() if t.strip() and _contains_phrase(prediction, t)]
-    found = [c for c in found if not any(o != c and _contains_phrase(options[o], options[c]) for o in found)]
+def _choice_text(prediction: str, options: dict[str, str]) -> str | None:
+    """The one option whose text (ignoring case) is a substring of the prediction; none when the prediction is
+    longer than twice all option texts together, or when several or no options match."""
+    pred = prediction.lower()
+    if len(pred) > 2 * sum(len(t) for t in options.values()):
+        return None
+    found = [c for c, t in options.items() if t.lower() in pred]
     return found[0] if len(found) == 1 else None
 
 
+def extract_choice(prediction: str, options: dict[str, str]) -> str | None:
+    """The option letter a prediction names, "Z" for a refusal, or None when it cannot be told."""
+    return _choice_letter(prediction, list(options)) or _choice_text(prediction, options)
+
+
 def extract_yes_no(prediction: str) -> str | None:
-    """'yes' or 'no' when exactly one of the two words occurs, else None."""
-    words = set(re.sub(r"[^a-z]+", " ", prediction.lower()).split())
+    """'yes' or 'no' when exactly one of the two occurs as a word after EvalAI punctuation handling (so
+    "Yes." and "Yes, it is" count, but "**Yes**", "Yes: ...", "Yes。" and "Noël" do not), else None."""
+    words = punctuation(prediction.lower()).split()
     if ("yes" in words) != ("no" in words):
         return "yes" if "yes" in words else "no"
     return None
@@ -176,9 +175,15 @@ def circular_accuracy(hits: dict[int, float]) -> tuple[float, int]:
     return (sum(groups.values()) / len(groups) if groups else 0.0), len(groups)
 
 
+MME_PERCEPTION = ("OCR", "artwork", "celebrity", "color", "count", "existence", "landmark", "position",
+                  "posters", "scene")
+MME_COGNITION = ("code_reasoning", "commonsense_reasoning", "numerical_calculation", "text_translation")
+
+
 def mme_scores(rows: Sequence[tuple[str, str, float]]) -> dict:
     """rows of (category, image_key, hit) -> per category acc, acc+ (all questions of an image right) and
-    the MME score 100 * (acc + acc+), summed over categories."""
+    the MME score 100 * (acc + acc+); `score` sums every category; `perception` and `cognition` (VLMEvalKit's
+    "reasoning") sum MME's ten and four categories, where present, and `total` is their sum."""
     by_cat: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for category, image, hit in rows:
         by_cat[category][image].append(hit)
@@ -189,4 +194,8 @@ def mme_scores(rows: Sequence[tuple[str, str, float]]) -> dict:
         acc_plus = sum(all(h >= 1.0 for h in hs) for hs in images.values()) / len(images)
         out["categories"][category] = {"acc": acc, "acc_plus": acc_plus, "score": 100 * (acc + acc_plus)}
         out["score"] += 100 * (acc + acc_plus)
+    if any(c in by_cat for c in MME_PERCEPTION + MME_COGNITION):
+        for name, group in (("perception", MME_PERCEPTION), ("cognition", MME_COGNITION)):
+            out[name] = sum(out["categories"][c]["score"] for c in group if c in by_cat)
+        out["total"] = out["perception"] + out["cognition"]
     return out
