@@ -304,7 +304,7 @@ def test_end_to_end_random_model_writes_outputs(model_and_tokenizer, tmp_path):
     tsv = write_tsv(tmp_path / "tiny_mc.tsv", _mc_rows())
     res = run.evaluate(model, tokenizer, tsv, out_dir=tmp_path / "out", batch_size=2, max_tiles=2,
                        max_new_tokens=3, progress=False)
-    assert res["counts"] == {"rows": 5, "questions": 5, "scored": 5, "bad_rows": 2, "no_answer": 0}
+    assert res["counts"] == {"rows": 5, "questions": 5, "scored": 5, "bad_rows": 2, "no_answer": 0, "judged": 0}
     assert set(res["categories"]) == {"colour", "shape"} and res["categories"]["shape"]["n"] == 2
     preds = [json.loads(line) for line in (tmp_path / "out/tiny_mc.predictions.jsonl").read_text().splitlines()]
     assert [p["index"] for p in preds] == [0, 1, 2, 3, 4]

@@ -12,6 +12,7 @@ import ast
 import base64
 import binascii
 import csv
+import random
 import re
 import string
 import sys
@@ -20,7 +21,15 @@ from pathlib import Path
 
 from monovl.template import MC_SUFFIX, MC_SUFFIX_CN, VQA_SUFFIX, YESNO_SUFFIX
 
-BENCHMARK_KINDS = ("mc", "yesno", "vqa", "anls", "relaxed", "ocrbench")
+BENCHMARK_KINDS = ("mc", "yesno", "vqa", "anls", "relaxed", "ocrbench", "exact")
+# The scoring rule VLMEvalKit uses for a benchmark, by a case-insensitive part of its name; first match wins.
+KIND_BY_NAME = (
+    ("mme-realworld", "mc"), ("mmbench", "mc"), ("ccbench", "mc"), ("seedbench", "mc"), ("scienceqa", "mc"),
+    ("ai2d", "mc"), ("mmstar", "mc"), ("mmmu", "mc"), ("realworldqa", "mc"), ("a-okvqa", "mc"), ("blink", "mc"),
+    ("circular", "mc"), ("hallusionbench", "yesno"), ("pope", "yesno"), ("mme", "yesno"), ("textvqa", "vqa"),
+    ("docvqa", "anls"), ("infovqa", "anls"), ("chartqa", "relaxed"), ("ocrbench", "ocrbench"),
+    ("ocrvqa", "exact"), ("gqa", "exact"),
+)
 CIRCULAR_STEP = 1_000_000  # CircularEval copy k of a question has index + k * CIRCULAR_STEP
 _CJK = re.compile(r"[\u4e00-\u9fff]")
 
@@ -148,8 +157,15 @@ def infer_kind(items: list[Item]) -> str:
     return "vqa"
 
 
+def kind_from_name(name: str) -> str | None:
+    """The kind of a known benchmark (MMBench_DEV_EN -> 'mc', DocVQA_VAL -> 'anls', ...), else None."""
+    low = name.lower()
+    return next((kind for part, kind in KIND_BY_NAME if part in low), None)
+
+
 def load_benchmark(path, kind: str | None = None) -> Benchmark:
-    """Read a benchmark TSV; `kind` (one of BENCHMARK_KINDS) overrides the kind inferred from the columns."""
+    """Read a benchmark TSV. Its kind: `kind` (one of BENCHMARK_KINDS) if given, else the one VLMEvalKit uses
+    for the file name (`kind_from_name`), else the one the columns suggest (`infer_kind`)."""
     path = Path(path)
     if kind is not None and kind not in BENCHMARK_KINDS:
         raise ValueError(f"unknown benchmark kind {kind!r}; choose one of {', '.join(BENCHMARK_KINDS)}")
@@ -176,7 +192,27 @@ def load_benchmark(path, kind: str | None = None) -> Benchmark:
             category=None if _missing(row.get("category")) else row["category"].strip(), extra=extra))
     if not items:
         raise ValueError(f"{path}: no rows")
-    return Benchmark(name=path.stem, kind=kind or infer_kind(items), items=items)
+    return Benchmark(name=path.stem, kind=kind or kind_from_name(path.stem) or infer_kind(items), items=items)
+
+
+def sample_items(items: list[Item], limit: int, seed: int = 0) -> list[Item]:
+    """A seeded sample of `limit` questions, stratified by category (each category keeps its share, rounded by
+    largest remainder), in file order. CircularEval copies stay with their question."""
+    groups: dict[int, list[Item]] = {}
+    for item in items:
+        groups.setdefault(item.group, []).append(item)
+    if limit >= len(groups):
+        return list(items)
+    by_cat: dict[str, list[int]] = {}
+    for g, members in groups.items():
+        by_cat.setdefault(members[0].category or "", []).append(g)
+    exact = {c: limit * len(gs) / len(groups) for c, gs in by_cat.items()}
+    quota = {c: int(x) for c, x in exact.items()}
+    for c in sorted(exact, key=lambda c: (quota[c] - exact[c], c))[: limit - sum(quota.values())]:
+        quota[c] += 1
+    rng = random.Random(seed)
+    chosen = {g for c, gs in sorted(by_cat.items()) for g in rng.sample(gs, quota[c])}
+    return [item for item in items if item.group in chosen]
 
 
 def rotate(item: Item, k: int) -> Item:

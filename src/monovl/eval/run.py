@@ -10,7 +10,8 @@ import torch
 from tqdm import tqdm
 
 from monovl.eval import scoring
-from monovl.eval.benchmarks import CIRCULAR_STEP, Benchmark, Item, build_prompt, circular_items, load_benchmark
+from monovl.eval.benchmarks import (CIRCULAR_STEP, Benchmark, Item, build_prompt, circular_items, load_benchmark,
+                                    sample_items)
 from monovl.generation import generate
 from monovl.images import ImageError
 from monovl.inputs import ModelInputs, build_inputs
@@ -19,8 +20,10 @@ from monovl.template import extract_answer
 log = logging.getLogger(__name__)
 
 METRICS = {"mc": "accuracy", "yesno": "accuracy", "vqa": "vqa_accuracy", "anls": "anls",
-           "relaxed": "relaxed_accuracy", "ocrbench": "accuracy"}
-DEFAULT_MAX_NEW_TOKENS = {"mc": 32, "yesno": 32, "vqa": 64, "anls": 64, "relaxed": 64, "ocrbench": 128}
+           "relaxed": "relaxed_accuracy", "ocrbench": "accuracy", "exact": "exact_accuracy"}
+DEFAULT_MAX_NEW_TOKENS = {"mc": 32, "yesno": 32, "vqa": 64, "anls": 64, "relaxed": 64, "ocrbench": 128,
+                          "exact": 64}
+DEFAULT_OUT = "eval_results"  # where results go without --out (ignored by git)
 
 
 def score_item(item: Item, kind: str, prediction: str) -> tuple[float | None, str | None]:
@@ -31,7 +34,8 @@ def score_item(item: Item, kind: str, prediction: str) -> tuple[float | None, st
         return scoring.score_mc(prediction, item.options, item.answer)
     if kind == "yesno":
         return scoring.score_yes_no(prediction, item.answer)
-    rule = {"vqa": scoring.vqa_accuracy, "anls": scoring.anls, "relaxed": scoring.relaxed_accuracy}.get(kind)
+    rule = {"vqa": scoring.vqa_accuracy, "anls": scoring.anls, "relaxed": scoring.relaxed_accuracy,
+            "exact": scoring.exact_accuracy}.get(kind)
     if rule is not None:
         return rule(prediction, item.answers), None
     return scoring.ocrbench_hit(prediction, item.answers, item.category), None
@@ -112,6 +116,7 @@ def _aggregate(kind: str, records: list[dict], circular: bool) -> dict:
                                   for r in scored])
         out["acc_plus"] = sum(c["acc_plus"] for c in mme["categories"].values()) / len(mme["categories"])
         out["mme_score"] = mme["score"]
+        out.update({k: mme[k] for k in ("perception", "cognition", "total") if k in mme})
     if kind == "ocrbench":
         out["ocrbench_score"] = sum(hits)
     return out
@@ -129,7 +134,8 @@ def summarize(bench: Benchmark, records: list[dict], circular: bool, settings: d
         "counts": {"rows": len(records), "questions": len({r["index"] % CIRCULAR_STEP for r in records}),
                    "scored": sum(r["hit"] is not None for r in records),
                    "bad_rows": sum(r["error"] is not None for r in records),
-                   "no_answer": sum(r["answer"] is None for r in records)},
+                   "no_answer": sum(r["answer"] is None for r in records),
+                   "judged": sum(bool(r.get("judged")) for r in records)},
         "settings": settings or {},
     }
 
@@ -140,7 +146,8 @@ def _pct(x) -> str:
 
 def format_markdown(results: dict) -> str:
     """A per-category Markdown table of `results` (scores in percent)."""
-    extras = [k for k in ("vanilla", "acc_plus", "mme_score", "ocrbench_score") if k in results["overall"]]
+    keys = ("vanilla", "acc_plus", "mme_score", "perception", "cognition", "total", "ocrbench_score")
+    extras = [k for k in keys if k in results["overall"]]
     head = ["category", "n", f"{results['metric']} (%)"] + extras
     lines = [f"# {results['benchmark']} ({results['kind']}{', circular' if results['circular'] else ''})", "",
              "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
@@ -153,39 +160,75 @@ def format_markdown(results: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     c = results["counts"]
     lines += ["", f"{c['questions']} questions, {c['rows']} rows, {c['scored']} scored, "
-              f"{c['bad_rows']} bad rows, {c['no_answer']} without answer."]
+              f"{c['bad_rows']} bad rows, {c['no_answer']} without answer, {c['judged']} judged."]
     return "\n".join(lines) + "\n"
 
 
-def evaluate(model, tokenizer, bench_path, *, out_dir=None, kind: str | None = None, batch_size: int = 8,
-             max_tiles: int = 6, max_new_tokens: int | None = None, limit: int | None = None,
-             circular: bool = False, progress: bool = True) -> dict:
-    """Evaluate on one benchmark TSV; returns the results dict, also written to `out_dir` when given as
-    NAME.predictions.jsonl, NAME.results.json and NAME.results.md."""
-    bench = load_benchmark(bench_path, kind)
-    items = bench.items[:limit] if limit is not None else bench.items
+def select_items(bench: Benchmark, *, limit: int | None, circular: bool, seed: int = 0) -> tuple[list[Item], bool]:
+    """The rows to answer: a stratified sample of `limit` questions, every rotation when `circular`; and
+    whether CircularEval applies (also when the file already holds the copies)."""
+    items = sample_items(bench.items, limit, seed) if limit is not None else bench.items
     if circular and bench.kind != "mc":
         raise ValueError(f"--circular applies to multiple-choice benchmarks; {bench.name} is {bench.kind!r}")
     if circular:
         items = circular_items(items)
-    circular = circular or (bench.kind == "mc" and any(i.index >= CIRCULAR_STEP for i in items))
-    max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[bench.kind]
-    outputs = predict(model, tokenizer, items, bench.kind, batch_size=batch_size, max_tiles=max_tiles,
-                      max_new_tokens=max_new_tokens, progress=progress)
+    return items, circular or (bench.kind == "mc" and any(i.index >= CIRCULAR_STEP for i in items))
+
+
+def score_rows(items: list[Item], kind: str, outputs: list[tuple[str, str | None]], judge=None,
+               circular: bool = False) -> list[dict]:
+    """One record per row: the prediction, its extracted answer and hit. With a `judge` (see `judge.py`), the
+    multiple-choice and yes/no rows that exact matching cannot read are asked of it; in CircularEval not those
+    whose question another rotation has already failed (as VLMEvalKit does)."""
     records = []
     for item, (prediction, error) in zip(items, outputs):
-        hit, extracted = score_item(item, bench.kind, prediction)
+        hit, extracted = score_item(item, kind, prediction)
         if error is not None and hit is not None:
             hit = 0.0
         records.append({"index": item.index, "category": item.category, "question": item.question,
                         "options": item.options or None, "answer": item.answer, "prediction": prediction,
                         "extracted": extracted, "hit": hit, "error": error, "image_key": item.image_key})
-    settings = {"bench": str(bench_path), "batch_size": batch_size, "max_tiles": max_tiles,
-                "max_new_tokens": max_new_tokens, "limit": limit}
+    if judge is not None and kind in ("mc", "yesno"):
+        failed = {r["index"] % CIRCULAR_STEP for r in records if r["hit"] == 0.0 and r["extracted"] is not None}
+        for item, r in zip(items, records):
+            if r["hit"] is None or r["extracted"] is not None or r["error"] is not None:
+                continue
+            if circular and item.group in failed:
+                continue
+            r["judged"], r["extracted"] = True, judge.extract(item, kind, r["prediction"])
+            r["hit"] = float(r["extracted"] is not None and r["extracted"] == _expected(item, kind))
+            if r["hit"] == 0.0:
+                failed.add(item.group)
+    return records
+
+
+def _expected(item: Item, kind: str) -> str:
+    return item.answer.strip() if kind == "mc" else item.answer.strip().lower()
+
+
+def finish(bench: Benchmark, records: list[dict], circular: bool, settings: dict, out_dir=None) -> dict:
+    """Summarize `records` and, with `out_dir`, write NAME.predictions.jsonl, .results.json and .results.md."""
     results = summarize(bench, records, circular, settings)
     if out_dir is not None:
         write_outputs(out_dir, bench.name, records, results)
     return results
+
+
+def evaluate(model, tokenizer, bench_path, *, out_dir=None, kind: str | None = None, batch_size: int = 8,
+             max_tiles: int = 6, max_new_tokens: int | None = None, limit: int | None = None,
+             circular: bool = False, progress: bool = True, seed: int = 0, judge=None) -> dict:
+    """Evaluate on one benchmark TSV; returns the results dict, also written to `out_dir` when given as
+    NAME.predictions.jsonl, NAME.results.json and NAME.results.md."""
+    bench = load_benchmark(bench_path, kind)
+    items, circular = select_items(bench, limit=limit, circular=circular, seed=seed)
+    max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[bench.kind]
+    outputs = predict(model, tokenizer, items, bench.kind, batch_size=batch_size, max_tiles=max_tiles,
+                      max_new_tokens=max_new_tokens, progress=progress)
+    records = score_rows(items, bench.kind, outputs, judge, circular)
+    settings = {"bench": str(bench_path), "batch_size": batch_size, "max_tiles": max_tiles,
+                "max_new_tokens": max_new_tokens, "limit": limit, "seed": seed,
+                "judge": judge.describe() if judge is not None else None}
+    return finish(bench, records, circular, settings, out_dir)
 
 
 def write_outputs(out_dir, name: str, records: list[dict], results: dict) -> None:
