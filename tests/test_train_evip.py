@@ -14,7 +14,7 @@ from monovl.train.loop import train
 from monovl.train.recipe import load_recipe
 from monovl.world import generate_world, world_texts
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "tiny" / "evip"
+RECIPES = Path(__file__).resolve().parent.parent / "src" / "monovl" / "recipes" / "tiny" / "evip"
 
 
 def text_logits(path, question="What is two plus three?"):

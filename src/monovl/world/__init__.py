@@ -7,8 +7,10 @@
     s1_2/pairs.jsonl                                accurate detailed captions (S1.2)
     s1_3/conversations.jsonl (+ meta.json)          task data: colour/shape/count/position/OCR/grounding (S1.3)
     s2/conversations.jsonl, s2/meta.json            multi-turn, multi-image and text-only instructions (S2)
+    s2/plain.jsonl                                  plainly asked questions, answered in a sentence (S2)
     text/corpus.jsonl                               invented facts, arithmetic, descriptions (base LLM)
     text/chat.jsonl                                 text-only chat in the stage formats (the base LLM's tuning)
+    text/reading.jsonl, text/reading_chat.jsonl     reading practice: described scenes and questions (stage 0)
     */heldout.jsonl                                 held-out split of each of the above
     bench/{mc,yesno,open,text}.tsv                  VLMEvalKit benchmarks on held-out images / facts
     bench/described/{mc,yesno,open}.tsv             the visual benchmarks with each image given as its caption
@@ -44,16 +46,20 @@ class WorldScale:
     s2: int
     text: int  # corpus lines
     chat: int  # text-only chat conversations (stage 0)
+    reading: int  # reading drills and reading conversations, each (stage 0)
     heldout: int  # held-out samples per stage
     bench: int  # rows per visual benchmark
     shard_size: int
 
 
 SCALES = {
-    "small": WorldScale(train_images=24, heldout_images=12, s1_3=40, s2=30, text=80, chat=40, heldout=8,
-                        bench=20, shard_size=10),
+    "small": WorldScale(train_images=24, heldout_images=12, s1_3=40, s2=30, text=80, chat=40, reading=40,
+                        heldout=8, bench=20, shard_size=10),
     "default": WorldScale(train_images=3000, heldout_images=300, s1_3=6000, s2=3000, text=8000, chat=4000,
-                          heldout=200, bench=300, shard_size=500),
+                          reading=100000, heldout=200, bench=300, shard_size=500),
+    # held-out benchmarks only (no training data): what `monovl demo` evaluates, on a seed the model never saw
+    "eval": WorldScale(train_images=0, heldout_images=300, s1_3=0, s2=0, text=0, chat=0, reading=0, heldout=1,
+                       bench=300, shard_size=500),
 }
 
 
@@ -203,10 +209,18 @@ def generate_world(out_dir: str | Path, *, seed: int = 0, scale: str = "default"
             row["conversations"] = D.s2_conversation([scenes[i] for i in picks], facts, s2_sums, r)
             s2.append(row)
         jsonl(f"s2{name}", f"s2/{stem}.jsonl", s2)
+        if split == "train":  # its own stream: the files above (and the tokenizer trained on them) stay as they were
+            r = rng("s2_plain")
+            jsonl("s2_plain", "s2/plain.jsonl", ({"id": f"s2_plain-{k:06d}", "image": img(split, k % len(scenes)),
+                                                  "conversations": D.plain_conversation(scenes[k % len(scenes)], r)}
+                                                 for k in range(sc.s2 // 2)))
 
     for stage in ("s1_3", "s2"):  # official meta JSON; root and annotation relative to the meta file
         meta = {f"synthetic_{stage}": {"root": ".", "annotation": "conversations.jsonl", "repeat_time": 1,
                                        "length": counts[stage]}}
+        if stage == "s2":
+            meta["synthetic_s2_plain"] = {"root": ".", "annotation": "plain.jsonl", "repeat_time": 1,
+                                          "length": counts["s2_plain"]}
         (out / stage / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         files[f"{stage}_meta"] = f"{stage}/meta.json"
 
@@ -216,6 +230,12 @@ def generate_world(out_dir: str | Path, *, seed: int = 0, scale: str = "default"
     r = rng("chat")
     jsonl("chat", "text/chat.jsonl", ({"id": f"chat-{k:06d}", "conversations": D.chat_conversation(facts, sums, r)}
                                       for k in range(sc.chat)))
+    r = rng("reading")
+    jsonl("reading", "text/reading.jsonl",
+          ({"text": D.reading_drill(sample_scene(r, max_shapes=6), r)} for _ in range(sc.reading)))
+    r = rng("reading_chat")
+    jsonl("reading_chat", "text/reading_chat.jsonl", ({"id": f"reading-{k:06d}", "conversations":
+                                                       D.reading_conversation(sample_scene(r), r)} for k in range(sc.reading)))
     r = rng("text_heldout")
     jsonl("text_heldout", "text/heldout.jsonl",
           ({"text": D.corpus_line(k, facts, held_sums, r, heldout=True)} for k in kinds[:sc.heldout]))

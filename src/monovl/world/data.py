@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from monovl.template import MC_SUFFIX, VQA_SUFFIX, YESNO_SUFFIX, add_image_placeholders
 from monovl.world.images import COLOURS, NUMBERS, POSITIONS, SHAPES, WORDS, Scene, Shape, sample_scene
 
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SHORT, YESNO, MC = "\n" + VQA_SUFFIX, "\n" + YESNO_SUFFIX, "\n" + MC_SUFFIX
 LETTERS = "ABCD"
 
@@ -25,6 +25,7 @@ class QA:
     answer: str
     pool: tuple[str, ...]
     yesno: str  # a template with {} for a candidate answer
+    sentence: str = ""  # the answer as a short sentence, for the question asked plainly (no format instruction)
 
 
 def _a(word: str) -> str:
@@ -77,27 +78,37 @@ def _unique(scene: Scene, key) -> list[Shape]:
     return [s for s in scene.shapes if values.count(key(s)) == 1]
 
 
+def _there(n: int, kind: str) -> str:
+    if n == 0:
+        return f"There are no {plural(kind)}."
+    return f"There is one {kind}." if n == 1 else f"There are {n} {plural(kind)}."
+
+
 def questions(scene: Scene) -> list[QA]:
     """Every well-defined question about `scene`, by category: colour, shape, count, position, ocr."""
     kinds = [s.kind for s in scene.shapes]
     counts = tuple(str(i) for i in range(5))
-    out = [QA("count", "How many shapes are there in the picture?", str(len(kinds)), counts[1:],
-              "Is the number of shapes in the picture {}?")]
+    n = len(kinds)
+    out = [QA("count", "How many shapes are there in the picture?", str(n), counts[1:],
+              "Is the number of shapes in the picture {}?", _there(n, "shape")[:-1] + " in the picture.")]
     absent = [k for k in SHAPES if k not in kinds][:1]  # one shape that is not there: its count is 0
     for kind in sorted(set(kinds)) + absent:
         out.append(QA("count", f"How many {plural(kind)} are there?", str(kinds.count(kind)), counts,
-                      f"Is the number of {plural(kind)} {{}}?"))
+                      f"Is the number of {plural(kind)} {{}}?", _there(kinds.count(kind), kind)))
     for s in _unique(scene, lambda s: s.kind):
-        out.append(QA("colour", f"What colour is the {s.kind}?", s.colour, tuple(COLOURS), f"Is the {s.kind} {{}}?"))
+        out.append(QA("colour", f"What colour is the {s.kind}?", s.colour, tuple(COLOURS), f"Is the {s.kind} {{}}?",
+                      f"The {s.kind} is {s.colour}."))
     for s in _unique(scene, lambda s: s.colour):
         out.append(QA("shape", f"What shape is the {s.colour} object?", s.kind, SHAPES,
-                      f"Is the {s.colour} object {{}}?"))
+                      f"Is the {s.colour} object {{}}?", f"The {s.colour} object is {_a(s.kind)}."))
     for s in scene.shapes:
-        out.append(QA("position", f"Where is the {s.name}?", s.position, POSITIONS, f"Is the {s.name} at the {{}}?"))
+        out.append(QA("position", f"Where is the {s.name}?", s.position, POSITIONS, f"Is the {s.name} at the {{}}?",
+                      f"The {s.name} is at the {s.position}."))
     if scene.text is not None:
         what = "number" if scene.text.isdigit() else "word"
         out.append(QA("ocr", f"What {what} is written in the picture?", scene.text,
-                      NUMBERS if what == "number" else WORDS, f'Is the {what} "{{}}" written in the picture?'))
+                      NUMBERS if what == "number" else WORDS, f'Is the {what} "{{}}" written in the picture?',
+                      f'The {what} "{scene.text}" is written in the picture.'))
     return out
 
 
@@ -238,6 +249,16 @@ def s1_3_conversation(scene: Scene, rng: random.Random) -> list[dict]:
     return _conv([_turn(scene, rng)], _image(1))
 
 
+def plain_conversation(scene: Scene, rng: random.Random) -> list[dict]:
+    """Questions about the picture asked plainly, as people ask them ("What colour is the circle?"), answered in a
+    short sentence ("The circle is red."), now and then a description (S2)."""
+    qas = questions(scene)
+    turns = [(qa.question, qa.sentence) for qa in rng.sample(qas, min(len(qas), rng.randint(1, 3)))]
+    if rng.random() < 0.2:
+        turns.insert(0, (rng.choice(("Describe the image.", "What is in the picture?")), describe(scene)))
+    return _conv(turns, _image(1))
+
+
 def multi_image_turn(scenes: list[Scene], rng: random.Random) -> tuple[str, str]:
     n1, n2 = len(scenes[0].shapes), len(scenes[1].shapes)
     roll = rng.random()
@@ -300,6 +321,35 @@ def chat_conversation(facts: list[Fact], sums: list[tuple[str, str]], rng: rando
         else:
             turns.append((q + SHORT if rng.random() < 0.5 else q, a))
     return _conv(turns, "")
+
+
+def reading_drill(scene: Scene, rng: random.Random) -> str:
+    """A scene description followed by every question about it, each answered ("… What colour is the star? red.
+    Where is the red star? top left. …"): dense practice in looking up what the text says about a named object,
+    the skill that stage 0 must have before the visual stages can build on it. The world's drills hold up to six
+    objects, more than its pictures do: the more objects, the less a guess among the context's colours pays."""
+    qas = questions(scene)
+    rng.shuffle(qas)
+    return " ".join([describe(scene)] + [f"{qa.question} {qa.answer}." for qa in qas])
+
+
+def reading_conversation(scene: Scene, rng: random.Random, *, turns: int = 6) -> list[dict]:
+    """Several questions about one described scene in the benchmark formats (short answer, yes/no, multiple
+    choice), the description in the first turn only: reading comprehension in the chat template."""
+    qas = questions(scene)
+    out = []
+    for _ in range(turns):
+        qa, roll = rng.choice(qas), rng.random()
+        if roll < 0.5:
+            q, a = qa.question + SHORT, qa.answer
+        elif roll < 0.75:
+            q, a = as_yesno(qa, rng)
+            q += YESNO
+        else:
+            options, a = as_choice(qa, rng)
+            q = mc_prompt(qa.question, options)
+        out.append((described(scene, q) if not out else q, a))
+    return _conv(out, "")
 
 
 def corpus_line(kind: str, facts: list[Fact], sums: list[tuple[str, str]], rng: random.Random, *,
