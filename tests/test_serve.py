@@ -18,6 +18,7 @@ from monovl.loadtest import run_loadtest
 from random_checkpoint import write_random_checkpoint
 from monovl.serve.api import ServeConfig, create_app
 from monovl.serve.engine import Engine
+from monovl.serve.http import protocol_with_header_timeout
 
 
 def _png(size=(60, 40), color=(200, 30, 30)) -> bytes:
@@ -31,14 +32,15 @@ def _data_url(data: bytes) -> str:
 
 
 class Server:
-    def __init__(self, model, tokenizer, engine_kw, **cfg_kw):
+    def __init__(self, model, tokenizer, engine_kw, header_timeout=10.0, **cfg_kw):
         self.engine = Engine(model, **engine_kw).start()
         self.config = ServeConfig(model_name="tiny", **cfg_kw)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         app = create_app(self.engine, tokenizer, self.config)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    http=protocol_with_header_timeout(header_timeout)))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         while not self.server.started:
