@@ -178,7 +178,11 @@ BAD = {
                    "remote image"),
     "path_escape": (_user([{"type": "image_url", "image_url": {"url": "../../etc/passwd"}}]), 400, "outside"),
     "prompt_too_long": (_user("one two three " * 600), 400, "context"),
-    "fake_image_tokens": (_user("<IMG_CONTEXT><IMG_CONTEXT>"), 400, "image tokens"),
+    "lone_surrogate": (b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, "surrogate"),
+    "lone_surrogate_in_stop": (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": ["\\udfff"]}',
+                               400, "surrogate"),
+    "seed_2_63": (_user("hi", seed=2**63), 400, "seed"),
+    "seed_huge": (_user("hi", seed=10**30), 400, "seed"),
     "n_2": (_user("hi", n=2), 400, "n=1"),
 }
 
@@ -283,7 +287,7 @@ def test_cli_serve_and_loadtest(server, loaded, tmp_path, monkeypatch, capsys):
     from monovl.cli import main
 
     ran = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: ran.update(app=app, host=host, port=port))
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: ran.update(app=app, host=host, port=port, **kw))
     ckpt = write_random_checkpoint(tmp_path / "ck")
     assert main(["serve", "--model", str(ckpt), "--port", "9", "--max-batch", "2", "--max-len", "128"]) == 0
     assert ran["host"] == "127.0.0.1" and ran["port"] == 9 and ran["app"].state.config.model_name == "ck"

@@ -99,8 +99,9 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
         metrics.errors.labels("400").inc()
-        first = e.errors()[0] if e.errors() else {}
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        errors = e.errors()  # ours (value_error) first: in a union it would hide behind the other member's error
+        first = next((x for x in errors if x.get("type") == "value_error"), errors[0] if errors else {})
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body" and "[" not in str(x))
         message = f"invalid request: {where + ': ' if where else ''}{first.get('msg', 'malformed body')}"
         return error_response(400, message, "invalid_request", where or None)
 
