@@ -22,7 +22,7 @@ from monovl.train.freeze import freeze, param_groups
 from monovl.train.lora import apply_lora, merge_lora
 from monovl.train.metrics import MetricsWriter
 from monovl.train.recipe import TrainConfig, to_dict
-from monovl.train.state import list_states, load_state, save_state
+from monovl.train.state import clean_temporary, list_states, load_state, newest_good_state, save_state
 
 log = logging.getLogger(__name__)
 
@@ -227,11 +227,13 @@ def _optimizer_step(model, micro: list[dict], params, optimizer, grad_clip: floa
 
 
 def _resume(ckpt_dir: Path, model, optimizer, scheduler, data) -> tuple[int, int]:
-    """Load the newest training state in `ckpt_dir`, if any; (step reached, steps skipped so far)."""
-    states = list_states(ckpt_dir)
-    if not states:
+    """Load the newest intact training state in `ckpt_dir`, if any; (step reached, steps skipped so far)."""
+    state = newest_good_state(ckpt_dir)
+    if state is None:
+        if list_states(ckpt_dir):
+            raise RuntimeError(f"no training state in {ckpt_dir} is intact: remove them to start over")
         return 0, 0
-    trainer = load_state(states[-1], model, optimizer)
+    trainer = load_state(state, model, optimizer)
     scheduler.load_state_dict(trainer["scheduler"])
     data.load_state_dict(trainer["data"])
     return trainer["step"], trainer["skipped"]
@@ -257,6 +259,8 @@ def train(cfg: TrainConfig, data=None) -> dict:
         optimizer, lr_lambda(cfg.schedule.warmup_steps, total, o.min_lr_ratio))
     data = data if data is not None else build_data(cfg, model.cfg, tokenizer, rank, world)
 
+    if rank == 0:  # what a killed or failed checkpoint write left behind
+        clean_temporary(ckpt_dir)
     start, skipped = _resume(ckpt_dir, model, optimizer, scheduler, data) if cfg.run.resume else (0, 0)
     stream = iter(data)
 
