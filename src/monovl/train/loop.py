@@ -226,8 +226,13 @@ def _optimizer_step(model, micro: list[dict], params, optimizer, grad_clip: floa
     return loss, grad_norm, n_tokens
 
 
-def _resume(ckpt_dir: Path, model, optimizer, scheduler, data) -> tuple[int, int]:
-    """Load the newest intact training state in `ckpt_dir`, if any; (step reached, steps skipped so far)."""
+def _resume(ckpt_dir: Path, model, optimizer, scheduler, data, load: bool = True, rank: int = 0) -> tuple[int, int]:
+    """Delete what killed or failed state writes left (rank 0); then, if `load`, load the newest intact
+    training state in `ckpt_dir`, if any. Returns (step reached, steps skipped so far)."""
+    if rank == 0:
+        clean_temporary(ckpt_dir)
+    if not load:
+        return 0, 0
     state = newest_good_state(ckpt_dir)
     if state is None:
         if list_states(ckpt_dir):
@@ -259,9 +264,7 @@ def train(cfg: TrainConfig, data=None) -> dict:
         optimizer, lr_lambda(cfg.schedule.warmup_steps, total, o.min_lr_ratio))
     data = data if data is not None else build_data(cfg, model.cfg, tokenizer, rank, world)
 
-    if rank == 0:  # what a killed or failed checkpoint write left behind
-        clean_temporary(ckpt_dir)
-    start, skipped = _resume(ckpt_dir, model, optimizer, scheduler, data) if cfg.run.resume else (0, 0)
+    start, skipped = _resume(ckpt_dir, model, optimizer, scheduler, data, load=cfg.run.resume, rank=rank)
     stream = iter(data)
 
     def save(step: int) -> None:
