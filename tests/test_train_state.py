@@ -86,3 +86,17 @@ def test_resume_refuses_when_no_state_is_intact(tmp_path):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     with pytest.raises(RuntimeError, match="no training state .* is intact"):
         loop._resume(tmp_path, model, optimizer, scheduler, _Data())
+
+
+@pytest.mark.parametrize("override,words", [("schedule.steps=-5", "schedule.steps"), ("optim.betas=['a','b']", "betas"),
+                                            ("optim.betas=[0.9]", "betas"), ("run.device=tpu", "run.device"),
+                                            ("optim.lr=nan", "optim.lr"), ("data.batch_size=0", "data.batch_size")])
+def test_bad_recipe_values_name_the_key_before_any_work(tmp_path, capsys, override, words):
+    from monovl.cli import main
+    from test_train_loop import write_recipe
+
+    recipe = write_recipe(tmp_path)
+    assert main(["train", str(recipe), "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # no untrained final/ and nothing else written

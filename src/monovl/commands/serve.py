@@ -31,7 +31,6 @@ def cmd_serve(args) -> int:
                       allowed_media_dir=Path(args.allowed_media_dir) if args.allowed_media_dir else None)
     print(f"serving {cfg.model_name!r} on http://{args.host}:{args.port}/v1 ({args.max_batch} slots x {max_len} "
           "tokens)", file=sys.stderr)
-    logging.basicConfig(format="%(levelname)s: %(message)s")
     logging.getLogger("monovl.serve.access").setLevel(logging.WARNING if args.no_access_log else logging.INFO)
     try:  # uvicorn's own access log is off: ours has the same line plus tokens and latency
         uvicorn.run(create_app(engine, tokenizer, cfg), host=args.host, port=args.port, log_level="warning",

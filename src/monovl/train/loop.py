@@ -21,7 +21,7 @@ from monovl.train import parallel
 from monovl.train.freeze import freeze, param_groups
 from monovl.train.lora import apply_lora, merge_lora
 from monovl.train.metrics import MetricsWriter
-from monovl.train.recipe import TrainConfig, to_dict
+from monovl.train.recipe import TrainConfig, to_dict, validate
 from monovl.train.state import clean_temporary, list_states, load_state, newest_good_state, save_state
 
 log = logging.getLogger(__name__)
@@ -189,6 +189,7 @@ def prepare_model(cfg: TrainConfig, device: torch.device, mesh, compute_dtype):
 
 def _setup(cfg: TrainConfig):
     """(device, rank, world size, device mesh or None, compute dtype or None) of this process."""
+    validate(cfg)
     device = _device(cfg.run.device)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
