@@ -30,8 +30,8 @@ def number(kind: type, low: float | None = None, high: float | None = None, *, l
         bad = value != value or value in (float("inf"), float("-inf"))
         bad = bad or (low is not None and (value <= low if low_open else value < low))
         if bad or (high is not None and value > high):
-            bounds = f"{'(' if low_open else '['}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
-            raise argparse.ArgumentTypeError(f"{text!r} is outside {bounds}")
+            lo, hi = ("-inf" if low is None else low), ("inf" if high is None else high)
+            raise argparse.ArgumentTypeError(f"{text!r} is outside {'(' if low_open else '['}{lo}, {hi}]")
         return value
     return parse
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from pathlib import Path
 
 from monovl.commands import add_generation_args, add_model_args, generation_kwargs
 
@@ -18,8 +19,6 @@ def _answer(conv, question: str, images: list[str], gen: dict) -> None:
 
 
 def _missing_images(paths) -> str | None:
-    from pathlib import Path
-
     bad = [p for p in paths if not Path(p).is_file()]
     return f"no such image file: {', '.join(bad)}" if bad else None
 
