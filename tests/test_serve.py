@@ -18,6 +18,7 @@ from monovl.loadtest import run_loadtest
 from random_checkpoint import write_random_checkpoint
 from monovl.serve.api import ServeConfig, create_app
 from monovl.serve.engine import Engine
+from monovl.serve.http import protocol_with_header_timeout
 
 
 def _png(size=(60, 40), color=(200, 30, 30)) -> bytes:
@@ -31,14 +32,15 @@ def _data_url(data: bytes) -> str:
 
 
 class Server:
-    def __init__(self, model, tokenizer, engine_kw, **cfg_kw):
+    def __init__(self, model, tokenizer, engine_kw, header_timeout=10.0, **cfg_kw):
         self.engine = Engine(model, **engine_kw).start()
         self.config = ServeConfig(model_name="tiny", **cfg_kw)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         app = create_app(self.engine, tokenizer, self.config)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    http=protocol_with_header_timeout(header_timeout)))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         while not self.server.started:
@@ -176,7 +178,11 @@ BAD = {
                    "remote image"),
     "path_escape": (_user([{"type": "image_url", "image_url": {"url": "../../etc/passwd"}}]), 400, "outside"),
     "prompt_too_long": (_user("one two three " * 600), 400, "context"),
-    "fake_image_tokens": (_user("<IMG_CONTEXT><IMG_CONTEXT>"), 400, "image tokens"),
+    "lone_surrogate": (b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, "surrogate"),
+    "lone_surrogate_in_stop": (b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": ["\\udfff"]}',
+                               400, "surrogate"),
+    "seed_2_63": (_user("hi", seed=2**63), 400, "seed"),
+    "seed_huge": (_user("hi", seed=10**30), 400, "seed"),
     "n_2": (_user("hi", n=2), 400, "n=1"),
 }
 
@@ -281,7 +287,7 @@ def test_cli_serve_and_loadtest(server, loaded, tmp_path, monkeypatch, capsys):
     from monovl.cli import main
 
     ran = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: ran.update(app=app, host=host, port=port))
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: ran.update(app=app, host=host, port=port, **kw))
     ckpt = write_random_checkpoint(tmp_path / "ck")
     assert main(["serve", "--model", str(ckpt), "--port", "9", "--max-batch", "2", "--max-len", "128"]) == 0
     assert ran["host"] == "127.0.0.1" and ran["port"] == 9 and ran["app"].state.config.model_name == "ck"

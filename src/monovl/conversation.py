@@ -19,13 +19,14 @@ class Conversation:
     tokenizer: Tokenizer
     system: str | None = None  # None: the template's default system message
     max_tiles: int | None = None  # None: the checkpoint's max_dynamic_patch
+    raw_special_tokens: bool = False  # True: special tokens typed in questions are control tokens
     history: list[Turn] = field(default_factory=list)
     pixels: list[torch.Tensor] = field(default_factory=list)  # (N_i, 3, S, S) per earlier image
 
     def stream(self, question: str, images: Sequence = (), **generate_kwargs) -> Iterator[str]:
         """Yield the answer's text piece by piece; the finished turn is added to the history."""
         inputs = build_inputs(self.model, self.tokenizer, question, images, history=self.history, system=self.system,
-                              max_tiles=self.max_tiles)
+                              max_tiles=self.max_tiles, raw_special_tokens=self.raw_special_tokens)
         tiles = inputs.num_tiles
         new = list(inputs.pixel_values.split(tiles)) if tiles else []  # (N_i, 3, S, S) per image
         pixels = torch.cat(self.pixels + new) if self.pixels or new else None

@@ -27,9 +27,10 @@ def sample_next(logits: torch.Tensor, seen: torch.Tensor | None, *, temperature:
     if repetition_penalty != 1.0 and seen is not None:
         penalised = torch.where(logits < 0, logits * repetition_penalty, logits / repetition_penalty)
         logits = torch.where(seen, penalised, logits)
-    if temperature <= 0:
+    if temperature <= 0 or float(torch.tensor(temperature, dtype=logits.dtype)) == 0:  # 0 in fp32: greedy
         return logits.argmax(-1)
-    logits = logits / temperature
+    # Shifted so the best logit is 0: a tiny temperature turns the others into -inf, never inf/inf = NaN.
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -37,6 +38,7 @@ def sample_next(logits: torch.Tensor, seen: torch.Tensor | None, *, temperature:
         sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix whose mass reaches top_p
+        drop[:, 0] = False  # and always the best token, however small top_p is (rounding in cum)
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)

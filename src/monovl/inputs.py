@@ -12,7 +12,7 @@ import torch
 
 from monovl.config import ModelConfig
 from monovl.images import ImageSource, load_pixel_values
-from monovl.template import Turn, build_query
+from monovl.template import Turn, build_query, query_segments
 
 
 @dataclass
@@ -34,10 +34,14 @@ def image_tiles(cfg: ModelConfig, image: ImageSource, max_tiles: int | None = No
 
 def build_inputs(model, tokenizer, text: str, images: Sequence[ImageSource] = (), *,
                  history: Sequence[Turn] = (), system: str | None = None,
-                 max_tiles: int | None = None) -> ModelInputs:
+                 max_tiles: int | None = None, raw_special_tokens: bool = False) -> ModelInputs:
     """The prompt of one user turn about `images` (paths, bytes or PIL images) after `history`, in the model's
-    chat template, with `<image>` placeholders expanded to each image's `<IMG_CONTEXT>` tokens."""
+    chat template, with `<image>` placeholders expanded to each image's `<IMG_CONTEXT>` tokens.
+
+    Special tokens typed in `text`, `history` or `system` (e.g. `<|im_end|>`) stay text, unless
+    `raw_special_tokens`: then they are control tokens, as in the prompt string `build_query` returns."""
     pixels = [image_tiles(model.cfg, image, max_tiles) for image in images]
     num_tiles = [len(p) for p in pixels]
-    query = build_query(text, num_tiles, history, system, model.cfg.num_image_token)
-    return ModelInputs(torch.tensor(tokenizer.encode(query)), torch.cat(pixels) if pixels else None, num_tiles)
+    args = (text, num_tiles, history, system, model.cfg.num_image_token)
+    ids = tokenizer.encode(build_query(*args) if raw_special_tokens else query_segments(*args))
+    return ModelInputs(torch.tensor(ids), torch.cat(pixels) if pixels else None, num_tiles)

@@ -43,12 +43,23 @@ class Turn:
     num_tiles: tuple[int, ...] = ()
 
 
+Segment = tuple[str, bool]  # (text, control): special tokens are tokens only in control segments
+
+
 def render(messages: Sequence[dict], system: str | None = None) -> str:
     """Render `{"role": "user"|"assistant", "content": str}` messages as an `internlm2-chat` prompt.
 
     A leading `{"role": "system"}` message sets the system message unless `system` is given; `None` means
     DEFAULT_SYSTEM_MESSAGE. The generation prompt `<|im_start|>assistant\\n` ends the text when the last
     message is the user's. `<image>` placeholders are left as they are (see `expand_images`).
+    """
+    return "".join(text for text, _ in render_segments(messages, system))
+
+
+def render_segments(messages: Sequence[dict], system: str | None = None, num_image_token: int = 256) -> list[Segment]:
+    """`render`, cut into (text, control) segments for `Tokenizer.encode`: the template's own text and image
+    blocks are control, the messages' text is not, so special tokens a user types stay text (no role
+    injection). A message with a `"num_tiles"` list has its `<image>` placeholders expanded into image blocks.
     """
     messages = list(messages)
     if messages and messages[0]["role"] == "system":
@@ -57,16 +68,34 @@ def render(messages: Sequence[dict], system: str | None = None) -> str:
         messages = messages[1:]
     if system is None:
         system = DEFAULT_SYSTEM_MESSAGE
-    parts = [f"{IM_START}system\n{system}{IM_END}"]
+    out = [(f"{IM_START}system\n", True), (system, False), (IM_END, True)]
     for message in messages:
         role, content = message["role"], message["content"]
         if role not in _ROLE_HEADERS:
             raise ValueError(f"unknown role {role!r}: expected 'user' or 'assistant' (or a leading 'system')")
-        # As the official template: an empty message renders as the bare role header.
-        parts.append(_ROLE_HEADERS[role] + (content + IM_END if content else ""))
+        out.append((_ROLE_HEADERS[role], True))
+        if content:  # as the official template: an empty message renders as the bare role header
+            out += _content_segments(content, message.get("num_tiles"), num_image_token) + [(IM_END, True)]
     if messages and messages[-1]["role"] == "user":
-        parts.append(_ROLE_HEADERS["assistant"])
-    return "".join(parts)
+        out.append((_ROLE_HEADERS["assistant"], True))
+    return [(text, control) for text, control in out if text]
+
+
+def _content_segments(content: str, num_tiles: Sequence[int] | None, num_image_token: int) -> list[Segment]:
+    if num_tiles is None:
+        return [(content, False)]
+    pieces = content.split(IMAGE_PLACEHOLDER)
+    _check_placeholders(len(pieces) - 1, len(num_tiles))
+    out = [(pieces[0], False)]
+    for tiles, piece in zip(num_tiles, pieces[1:]):
+        out += [(image_block(tiles, num_image_token), True), (piece, False)]
+    return out
+
+
+def _check_placeholders(placeholders: int, images: int) -> None:
+    if placeholders != images:
+        raise ValueError(f"the prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholders but {images} images "
+                         "were given")
 
 
 def image_block(tiles: int, num_image_token: int) -> str:
@@ -77,10 +106,7 @@ def image_block(tiles: int, num_image_token: int) -> str:
 def expand_images(prompt: str, num_tiles: Sequence[int], num_image_token: int) -> str:
     """Replace the k-th `<image>` placeholder by the image block of `num_tiles[k]` tiles."""
     pieces = prompt.split(IMAGE_PLACEHOLDER)
-    if len(pieces) - 1 != len(num_tiles):
-        raise ValueError(
-            f"the prompt has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders but {len(num_tiles)} images were given"
-        )
+    _check_placeholders(len(pieces) - 1, len(num_tiles))
     out = [pieces[0]]
     for tiles, piece in zip(num_tiles, pieces[1:]):
         out += [image_block(tiles, num_image_token), piece]
@@ -114,14 +140,22 @@ def build_query(
     its own placeholders, expanded with its own `num_tiles` (already expanded blocks pass through).
     Unlike the official `chat`, placeholders are added to the new question even when there is history.
     """
+    segments = query_segments(question, num_tiles_per_image, history, system, num_image_token)
+    return "".join(text for text, _ in segments)
+
+
+def query_segments(question: str, num_tiles_per_image: Sequence[int] = (), history: Iterable[Turn | tuple] = (),
+                   system: str | None = None, num_image_token: int = 256) -> list[Segment]:
+    """`build_query` as (text, control) segments (see `render_segments`): only the template and the image
+    blocks are control; already expanded blocks in history questions are text here."""
     messages = []
     for turn in history:
         turn = turn if isinstance(turn, Turn) else Turn(*turn)
-        messages.append({"role": "user", "content": expand_images(turn.question, turn.num_tiles, num_image_token)})
+        messages.append({"role": "user", "content": turn.question, "num_tiles": turn.num_tiles})
         messages.append({"role": "assistant", "content": turn.answer})
     question = add_image_placeholders(question, len(num_tiles_per_image))
-    messages.append({"role": "user", "content": expand_images(question, num_tiles_per_image, num_image_token)})
-    return render(messages, system=system)
+    messages.append({"role": "user", "content": question, "num_tiles": num_tiles_per_image})
+    return render_segments(messages, system, num_image_token)
 
 
 def extract_answer(generated: str) -> str:

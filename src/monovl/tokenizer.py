@@ -13,7 +13,7 @@ files); their names come from `added_tokens_decoder`.
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -61,6 +61,8 @@ class Tokenizer:
         self._sp, self._hf = None, None
         if "tokenizer.json" in files:
             self._hf = tokenizers.Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
+            self._hf_literal = tokenizers.Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
+            self._hf_literal.encode_special_tokens = True  # the library's own "specials stay text" mode
         else:
             self._sp = spm.SentencePieceProcessor(model_proto=files["tokenizer.model"])
 
@@ -160,34 +162,73 @@ class Tokenizer:
         return self._require(IMG_END)
 
     # ---- encode / decode ----
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Token ids of `text`, with BOS when `add_bos` (default: the files' `add_bos_token`, else True)."""
+    def encode(self, text: str | Sequence[tuple[str, bool]], add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`, with BOS when `add_bos` (default: the files' `add_bos_token`, else True).
+
+        `text` is a string, in which every added or special token is a token (raw), or a list of (text,
+        control) segments (`monovl.template.render_segments`): then a token is a token only inside a control
+        segment, and one typed in the other segments (users' text) is encoded as plain text.
+        """
+        if not isinstance(text, str):
+            return self._encode_segments(text, add_bos)
         if self._hf is not None and add_bos is None and self._add_bos is None:
             return self._hf.encode(text, add_special_tokens=True).ids  # the tokenizer.json post-processor
         ids = self._hf.encode(text, add_special_tokens=False).ids if self._hf is not None else self._encode_sp(text)
+        return self._wrap(ids, add_bos)
+
+    def _wrap(self, ids: list[int], add_bos: bool | None) -> list[int]:
         add_bos = add_bos if add_bos is not None else self._add_bos is not False
         return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if self._add_eos else [])
 
+    def _encode_segments(self, segments: Sequence[tuple[str, bool]], add_bos: bool | None) -> list[int]:
+        text, control, at = "", [], 0
+        for piece, is_control in segments:
+            if is_control:
+                control.append((at, at + len(piece)))
+            text, at = text + piece, at + len(piece)
+        pieces = self._pieces(text, control)
+        if self._hf is None:
+            return self._wrap(self._ids_sp(pieces), add_bos)
+        encodings = [(self._hf if is_token else self._hf_literal).encode(chunk, add_special_tokens=False)
+                     for chunk, is_token in pieces if chunk]
+        merged = tokenizers.Encoding.merge(encodings, growing_offsets=True) if encodings else None
+        if add_bos is None and self._add_bos is None:  # the tokenizer.json post-processor, as `encode`
+            return self._hf.post_process(merged or self._hf.encode("", add_special_tokens=False)).ids
+        return self._wrap(merged.ids if merged else [], add_bos)
+
     def _encode_sp(self, text: str) -> list[int]:
-        # Mirrors transformers' PreTrainedTokenizer.tokenize: split, fix neighbours, encode chunks.
-        chunks = [c for c in self._split_re.split(text) if c] if self._split_re else [text]
-        for i, chunk in enumerate(chunks):
-            token = self._added.get(chunk)
-            if token is None:
+        return self._ids_sp(self._pieces(text))
+
+    def _pieces(self, text: str, control: Sequence[tuple[int, int]] | None = None) -> list[tuple[str, bool]]:
+        """`text` cut at every added token (leftmost, longest; with `control`, only at those inside one of its
+        (start, end) spans) as (chunk, is_token) pairs, each token's lstrip/rstrip/single_word applied to its
+        neighbours, as transformers' PreTrainedTokenizer.tokenize does."""
+        chunks, at = [], 0
+        for m in self._split_re.finditer(text) if self._split_re else ():
+            if control is None or any(a <= m.start() and m.end() <= b for a, b in control):
+                chunks += [[text[at : m.start()], False], [m.group(), True]]
+                at = m.end()
+        chunks = [c for c in chunks + [[text[at:], False]] if c[0]]
+        for i, (chunk, is_token) in enumerate(chunks):
+            if not is_token:
                 continue
-            left = chunks[i - 1] if i > 0 else None
-            right = chunks[i + 1] if i + 1 < len(chunks) else None
+            token = self._added[chunk]
+            left = chunks[i - 1][0] if i > 0 else None
+            right = chunks[i + 1][0] if i + 1 < len(chunks) else None
             if token.rstrip and right:
-                chunks[i + 1] = right.lstrip()
+                chunks[i + 1][0] = right.lstrip()
             if token.lstrip and left:
-                chunks[i - 1] = left.rstrip()
+                chunks[i - 1][0] = left.rstrip()
             if token.single_word and left and left[-1] != " ":  # merged into the text next to it
-                chunks[i - 1], chunks[i] = chunks[i - 1] + chunk, ""
+                chunks[i - 1][0], chunks[i] = chunks[i - 1][0] + chunk, ["", False]
             elif token.single_word and right and right[0] != " ":
-                chunks[i], chunks[i + 1] = "", chunk + chunks[i + 1]
+                chunks[i], chunks[i + 1][0] = ["", False], chunk + chunks[i + 1][0]
+        return [(chunk, is_token) for chunk, is_token in chunks]
+
+    def _ids_sp(self, pieces: Sequence[tuple[str, bool]]) -> list[int]:
         ids = []
-        for chunk in chunks:
-            if chunk in self._added:
+        for chunk, is_token in pieces:
+            if is_token:
                 ids.append(self._added[chunk].id)
             elif chunk:
                 ids.extend(self._sp.encode(chunk))

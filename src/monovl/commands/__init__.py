@@ -19,14 +19,31 @@ def add_model_args(p: argparse.ArgumentParser, *, required: bool = False, defaul
     p.add_argument("--device", help="torch device, e.g. cuda:0 (default: cpu)")
 
 
+def number(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False):
+    """An argparse type: a finite `kind` within [low, high] (`low_open`: above low), so that a bad value is
+    one usage line with exit code 2 instead of a traceback later."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        bad = value != value or value in (float("inf"), float("-inf"))
+        bad = bad or (low is not None and (value <= low if low_open else value < low))
+        if bad or (high is not None and value > high):
+            lo, hi = ("-inf" if low is None else low), ("inf" if high is None else high)
+            raise argparse.ArgumentTypeError(f"{text!r} is outside {'(' if low_open else '['}{lo}, {hi}]")
+        return value
+    return parse
+
+
 def add_generation_args(p: argparse.ArgumentParser) -> None:
     """The sampling flags of `monovl.generation.stream_generate`."""
-    p.add_argument("--max-new-tokens", type=int, default=512, help="answer budget in tokens")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 = all")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = none")
-    p.add_argument("--seed", type=int, help="sampling seed (default: unseeded)")
+    p.add_argument("--max-new-tokens", type=number(int, 1), default=512, help="answer budget in tokens")
+    p.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 is greedy")
+    p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=1.0, help="nucleus sampling mass")
+    p.add_argument("--top-k", type=number(int, 0), default=0, help="sample among the k likeliest tokens; 0 = all")
+    p.add_argument("--repetition-penalty", type=number(float, 0, low_open=True), default=1.0, help="1 = none")
+    p.add_argument("--seed", type=number(int, -(2**63), 2**63 - 1), help="sampling seed (default: unseeded)")
 
 
 def generation_kwargs(args) -> dict:

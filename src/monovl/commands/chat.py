@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import shlex
 import sys
+from pathlib import Path
 
 from monovl.commands import add_generation_args, add_model_args, generation_kwargs
+
+
+HELP = ("commands: '/image PATH' attaches an image to your next message, '/reset' starts a new conversation, "
+        "'/help' shows this, '/exit' (or Ctrl-D) quits; Ctrl-C stops an answer.")
 
 
 def _answer(conv, question: str, images: list[str], gen: dict) -> None:
@@ -13,44 +18,90 @@ def _answer(conv, question: str, images: list[str], gen: dict) -> None:
     print()
 
 
+def _missing_images(paths) -> str | None:
+    bad = [p for p in paths if not Path(p).is_file()]
+    return f"no such image file: {', '.join(bad)}" if bad else None
+
+
+def _discard_typeahead() -> None:
+    """Drop what was typed while an answer streamed, so it is not mixed into the next message."""
+    if not sys.stdin.isatty():
+        return
+    try:
+        import termios
+    except ImportError:  # not on this platform
+        return
+    termios.tcflush(sys.stdin, termios.TCIFLUSH)
+
+
 def cmd_chat(args) -> int:
+    if problem := _missing_images(args.image):  # before the model loads
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     from monovl import load
-    from monovl.conversation import Conversation
     from monovl.checkpoint import parse_dtype
+    from monovl.conversation import Conversation
 
     model, tokenizer = load(args.model, dtype=parse_dtype(args.dtype), device=args.device)
-    conv = Conversation(model, tokenizer, system=args.system, max_tiles=args.max_tiles)
+
+    def new_conversation():
+        return Conversation(model, tokenizer, system=args.system, max_tiles=args.max_tiles,
+                            raw_special_tokens=args.raw_special_tokens)
+
     gen = generation_kwargs(args)
     if args.prompt is not None:
-        _answer(conv, args.prompt, args.image, gen)
+        _answer(new_conversation(), args.prompt, args.image, gen)
         return 0
-    print("monovl chat: type a message; '/image PATH' attaches an image to your next message, "
-          "'/reset' starts over, '/exit' or Ctrl-D quits.", file=sys.stderr)
-    pending = list(args.image)
+    print(f"monovl chat: type a message. {HELP}", file=sys.stderr)
+    return _repl(new_conversation, list(args.image), gen)
+
+
+def _command(line: str, state: dict, new_conversation) -> bool:
+    """Run a /command; False when it asks to quit."""
+    name, _, rest = line.partition(" ")
+    if name in ("/exit", "/quit"):
+        return False
+    if name == "/reset":
+        state["conv"], state["pending"] = new_conversation(), []
+        print("(new conversation)", file=sys.stderr)
+    elif name == "/help":
+        print(HELP, file=sys.stderr)
+    elif name == "/image":
+        paths = shlex.split(rest)
+        problem = _missing_images(paths) or (None if paths else "usage: /image PATH")
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+        else:
+            state["pending"] += paths
+            print(f"(attached: {', '.join(state['pending'])})", file=sys.stderr)
+    else:
+        print(f"error: unknown command {name} (/help lists them)", file=sys.stderr)
+    return True
+
+
+def _repl(new_conversation, pending: list[str], gen: dict) -> int:
+    state = {"conv": new_conversation(), "pending": pending}
     while True:
         try:
             line = input("you> ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: quit
             print()
             return 0
-        if line in ("/exit", "/quit"):
-            return 0
-        if line == "/reset":
-            conv = Conversation(model, tokenizer, system=args.system, max_tiles=args.max_tiles)
-            pending = []
-            continue
-        if line.startswith("/image"):
-            pending += shlex.split(line[len("/image"):])
-            print(f"(attached: {', '.join(pending)})", file=sys.stderr)
+        if line.startswith("/"):
+            if not _command(line, state, new_conversation):
+                return 0
             continue
         if not line:
             continue
         print("assistant> ", end="", flush=True)
         try:
-            _answer(conv, line, pending, gen)
+            _answer(state["conv"], line, state["pending"], gen)
+        except KeyboardInterrupt:  # stop this answer (it is not kept), keep the conversation
+            print("\n(answer stopped)", file=sys.stderr)
         except ValueError as e:  # a bad image or prompt: say so and keep the session
             print(f"\nerror: {e}", file=sys.stderr)
-        pending = []
+        state["pending"] = []
+        _discard_typeahead()
 
 
 def register(subparsers) -> None:
@@ -60,5 +111,7 @@ def register(subparsers) -> None:
     c.add_argument("--prompt", help="answer this one message and exit")
     c.add_argument("--system", help="system message (default: the template's)")
     c.add_argument("--max-tiles", type=int, help="tile budget per image (default: the checkpoint's)")
+    c.add_argument("--raw-special-tokens", action="store_true",
+                   help="tokenize special tokens you type (<|im_end|>, ...) as control tokens; default: they stay text")
     add_generation_args(c)
     c.set_defaults(func=cmd_chat)

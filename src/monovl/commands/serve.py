@@ -1,6 +1,7 @@
 """`monovl serve`: the OpenAI-compatible server (`monovl.serve`) under uvicorn."""
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ def cmd_serve(args) -> int:
     from monovl.checkpoint import parse_dtype
     from monovl.serve.api import ServeConfig, create_app
     from monovl.serve.engine import Engine
+    from monovl.serve.http import protocol_with_header_timeout
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -24,12 +26,15 @@ def cmd_serve(args) -> int:
                     prefill_chunk=args.prefill_chunk).start()
     cfg = ServeConfig(model_name=args.served_model_name or Path(args.model).resolve().name, api_key=args.api_key,
                       max_tiles=args.max_tiles, max_images=args.max_images, request_timeout=args.timeout,
-                      max_body_bytes=int(args.max_body_mb * 2**20),
+                      max_body_bytes=int(args.max_body_mb * 2**20), body_timeout=args.body_timeout,
+                      raw_special_tokens=args.raw_special_tokens,
                       allowed_media_dir=Path(args.allowed_media_dir) if args.allowed_media_dir else None)
     print(f"serving {cfg.model_name!r} on http://{args.host}:{args.port}/v1 ({args.max_batch} slots x {max_len} "
           "tokens)", file=sys.stderr)
-    try:
-        uvicorn.run(create_app(engine, tokenizer, cfg), host=args.host, port=args.port, log_level="warning")
+    logging.getLogger("monovl.serve.access").setLevel(logging.WARNING if args.no_access_log else logging.INFO)
+    try:  # uvicorn's own access log is off: ours has the same line plus tokens and latency
+        uvicorn.run(create_app(engine, tokenizer, cfg), host=args.host, port=args.port, log_level="warning",
+                    access_log=False, http=protocol_with_header_timeout(args.header_timeout))
     finally:
         engine.shutdown()
     return 0
@@ -50,6 +55,16 @@ def register(subparsers) -> None:
     s.add_argument("--max-images", type=int, default=8, help="images per request")
     s.add_argument("--allowed-media-dir", help="allow local image paths below this folder (default: none)")
     s.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds")
-    s.add_argument("--max-body-mb", type=float, default=64.0, help="larger request bodies are refused (413)")
+    s.add_argument("--max-body-mb", type=float, default=64.0,
+                   help="larger request bodies are refused (413), counted as they arrive (chunked too)")
+    s.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds for a request's line and headers to arrive before the connection is closed (408)")
+    s.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds without request body data before the request is refused (408)")
+    s.add_argument("--raw-special-tokens", action="store_true",
+                   help="tokenize special tokens typed in messages (<|im_end|>, ...) as control tokens; default: "
+                        "they stay text (no role injection)")
+    s.add_argument("--no-access-log", action="store_true",
+                   help="do not log one line per request (method, path, status, tokens, latency)")
     s.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest for tiny models; default: torch's)")
     s.set_defaults(func=cmd_serve)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 import uuid
 
@@ -15,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from monovl.serve.engine import Engine, QueueFull, Request, SamplingParams
+from monovl.serve.http import Gate
 from monovl.serve.prompts import build_prompt
 from monovl.serve.protocol import APIError, ChatRequest, ServeConfig, error_response
 from monovl.serve.streaming import Dispatcher, Run, cancel_on_disconnect, sse
@@ -45,17 +45,10 @@ def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAP
     app = FastAPI(title="monovl", docs_url=None, redoc_url=None)
     metrics = Metrics(engine)
     app.state.engine, app.state.metrics, app.state.config = engine, metrics, cfg
-    app.add_middleware(_BodyLimit, limit=cfg.max_body_bytes, errors=metrics.errors)
+    app.add_middleware(Gate, limit=cfg.max_body_bytes, body_timeout=cfg.body_timeout, api_key=cfg.api_key,
+                       errors=metrics.errors)
     _add_error_handlers(app, metrics)
     dispatcher = Dispatcher()
-
-    def check_auth(request: HTTPRequest) -> None:
-        if cfg.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {cfg.api_key}".encode()):
-            raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')", "invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
 
     @app.get("/health")
     async def health():
@@ -66,15 +59,14 @@ def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAP
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
-    async def models(request: HTTPRequest):
-        check_auth(request)
+    async def models():  # the API key of /v1/ paths is checked by the Gate, before the body is read
         return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": 0,
                                              "owned_by": "monovl"}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest, body: ChatRequest):
-        check_auth(request)
         run = await _start_run(body, engine, tokenizer, cfg, metrics, dispatcher)
+        request.state.run = run  # for the access log line
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -107,8 +99,9 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
         metrics.errors.labels("400").inc()
-        first = e.errors()[0] if e.errors() else {}
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        errors = e.errors()  # ours (value_error) first: in a union it would hide behind the other member's error
+        first = next((x for x in errors if x.get("type") == "value_error"), errors[0] if errors else {})
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body" and "[" not in str(x))
         message = f"invalid request: {where + ': ' if where else ''}{first.get('msg', 'malformed body')}"
         return error_response(400, message, "invalid_request", where or None)
 
@@ -145,20 +138,3 @@ async def _start_run(body: ChatRequest, engine: Engine, tokenizer: Tokenizer, cf
         metrics.requests.labels("rejected").inc()
         raise APIError(429, f"server busy: {e}", "queue_full", headers={"Retry-After": "1"}) from None
     return Run(req, events, engine, tokenizer, stops, metrics, time.monotonic())
-
-
-class _BodyLimit:
-    """Refuses (413) a request whose declared body is larger than `limit`, before reading it. A plain ASGI
-    middleware: Starlette's BaseHTTPMiddleware would hide client disconnects from the endpoints."""
-
-    def __init__(self, app, limit: int, errors):
-        self.app, self.limit, self.errors = app, limit, errors
-
-    async def __call__(self, scope, receive, send):
-        size = dict(scope.get("headers", ())).get(b"content-length", b"0").decode("latin-1")
-        if scope["type"] == "http" and (not size.isdigit() or int(size) > self.limit):
-            self.errors.labels("413").inc()
-            response = error_response(413, f"request body of {size} bytes exceeds the limit of {self.limit} bytes",
-                              "request_too_large")
-            return await response(scope, receive, send)
-        await self.app(scope, receive, send)

@@ -205,11 +205,17 @@ class Engine:
             self._recent.popleft()
 
     def _accept(self, r: Request, logits: torch.Tensor, tok: int | None = None) -> None:
-        """Sample r's next token from logits (1, V) (unless given), emit it, and stop r when it is done."""
+        """Sample r's next token from logits (1, V) (unless given), emit it, and stop r when it is done.
+        A sampling failure (e.g. non-finite logits) ends r alone, never the other requests of the batch."""
         p = r.params
         if tok is None:
-            tok = int(sample_next(logits, None, temperature=p.temperature, top_p=p.top_p, top_k=0,
-                                  repetition_penalty=1.0, generator=r.generator)[0])
+            try:
+                tok = int(sample_next(logits, None, temperature=p.temperature, top_p=p.top_p, top_k=0,
+                                      repetition_penalty=1.0, generator=r.generator)[0])
+            except (RuntimeError, ValueError) as e:
+                log.warning("request %d: sampling failed: %s", r.id, e)
+                self._finish(r, "error", "sampling failed (the model's scores were not finite)")
+                return
         r.generated += 1
         self.tokens_generated += 1
         if tok in p.stop_token_ids and not p.ignore_eos:

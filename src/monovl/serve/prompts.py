@@ -11,7 +11,7 @@ import torch
 from monovl.images import ImageError
 from monovl.inputs import image_tiles
 from monovl.serve.protocol import APIError, ChatRequest, ServeConfig, TextPart
-from monovl.template import IMAGE_PLACEHOLDER, add_image_placeholders, expand_images, render
+from monovl.template import IMAGE_PLACEHOLDER, add_image_placeholders, render_segments
 from monovl.tokenizer import Tokenizer
 
 
@@ -74,16 +74,19 @@ def build_prompt(body: ChatRequest, model, tokenizer: Tokenizer, cfg: ServeConfi
             raise APIError(400, f"too many image tiles: at most {cfg.max_total_tiles} per request", "too_many_tiles")
         text = "".join(texts)
         if m.role == "user":
-            try:
-                text = expand_images(add_image_placeholders(text, len(tiles)), tiles, num_image_token)
-            except ValueError as e:
-                raise APIError(400, str(e), param="messages") from None
+            messages.append({"role": m.role, "content": add_image_placeholders(text, len(tiles)), "num_tiles": tiles})
         elif IMAGE_PLACEHOLDER in text:
             raise APIError(400, f"{IMAGE_PLACEHOLDER} may only appear in user messages", param="messages")
-        messages.append({"role": m.role, "content": text})
+        else:
+            messages.append({"role": m.role, "content": text})
     if messages[-1]["role"] != "user":
         raise APIError(400, "the last message must be the user's", param="messages")
-    ids = tokenizer.encode(render(messages))
+    try:
+        segments = render_segments(messages, num_image_token=num_image_token)
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages") from None
+    # Special tokens typed in messages stay text unless the server was started with raw special tokens.
+    ids = tokenizer.encode("".join(t for t, _ in segments) if cfg.raw_special_tokens else segments)
     n_tiles = sum(len(p) for p in pixels)
     if mcfg.image_token_id is not None and ids.count(mcfg.image_token_id) != num_image_token * n_tiles:
         raise APIError(400, "the messages contain image tokens that do not belong to an image", param="messages")

@@ -6,17 +6,29 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+
+def _valid_unicode(text: str) -> str:
+    """JSON may carry lone surrogates ("\\ud800") that no UTF-8 text can hold: the client's error, not ours."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text holds a lone surrogate (invalid Unicode)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 
 class ImageURL(BaseModel):
-    url: str
-    detail: str | None = None
+    url: Text
+    detail: Text | None = None
 
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImagePart(BaseModel):
@@ -26,7 +38,7 @@ class ImagePart(BaseModel):
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
+    content: Text | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
 
 
 class StreamOptions(BaseModel):
@@ -35,14 +47,14 @@ class StreamOptions(BaseModel):
 
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str
+    model: Text
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # what a torch.Generator takes
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -60,7 +72,9 @@ class ServeConfig:
     max_pixels: int = 32_000_000  # per decoded image (decompression bombs)
     allowed_media_dir: Path | None = None  # local image paths are read only below this folder
     request_timeout: float = 300.0
-    max_body_bytes: int = 64 * 2**20  # a larger request body is refused (413) before it is read
+    max_body_bytes: int = 64 * 2**20  # a larger request body is refused (413), chunked bodies too
+    body_timeout: float = 30.0  # seconds without request body data before a 408
+    raw_special_tokens: bool = False  # True: control tokens typed in messages are tokens (role injection!)
 
 
 class APIError(Exception):

@@ -21,8 +21,8 @@ from monovl.train import parallel
 from monovl.train.freeze import freeze, param_groups
 from monovl.train.lora import apply_lora, merge_lora
 from monovl.train.metrics import MetricsWriter
-from monovl.train.recipe import TrainConfig, to_dict
-from monovl.train.state import list_states, load_state, save_state
+from monovl.train.recipe import TrainConfig, to_dict, validate
+from monovl.train.state import clean_temporary, list_states, load_state, newest_good_state, save_state
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +189,7 @@ def prepare_model(cfg: TrainConfig, device: torch.device, mesh, compute_dtype):
 
 def _setup(cfg: TrainConfig):
     """(device, rank, world size, device mesh or None, compute dtype or None) of this process."""
+    validate(cfg)
     device = _device(cfg.run.device)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
@@ -226,12 +227,19 @@ def _optimizer_step(model, micro: list[dict], params, optimizer, grad_clip: floa
     return loss, grad_norm, n_tokens
 
 
-def _resume(ckpt_dir: Path, model, optimizer, scheduler, data) -> tuple[int, int]:
-    """Load the newest training state in `ckpt_dir`, if any; (step reached, steps skipped so far)."""
-    states = list_states(ckpt_dir)
-    if not states:
+def _resume(ckpt_dir: Path, model, optimizer, scheduler, data, load: bool = True, rank: int = 0) -> tuple[int, int]:
+    """Delete what killed or failed state writes left (rank 0); then, if `load`, load the newest intact
+    training state in `ckpt_dir`, if any. Returns (step reached, steps skipped so far)."""
+    if rank == 0:
+        clean_temporary(ckpt_dir)
+    if not load:
         return 0, 0
-    trainer = load_state(states[-1], model, optimizer)
+    state = newest_good_state(ckpt_dir)
+    if state is None:
+        if list_states(ckpt_dir):
+            raise RuntimeError(f"no training state in {ckpt_dir} is intact: remove them to start over")
+        return 0, 0
+    trainer = load_state(state, model, optimizer)
     scheduler.load_state_dict(trainer["scheduler"])
     data.load_state_dict(trainer["data"])
     return trainer["step"], trainer["skipped"]
@@ -257,7 +265,7 @@ def train(cfg: TrainConfig, data=None) -> dict:
         optimizer, lr_lambda(cfg.schedule.warmup_steps, total, o.min_lr_ratio))
     data = data if data is not None else build_data(cfg, model.cfg, tokenizer, rank, world)
 
-    start, skipped = _resume(ckpt_dir, model, optimizer, scheduler, data) if cfg.run.resume else (0, 0)
+    start, skipped = _resume(ckpt_dir, model, optimizer, scheduler, data, load=cfg.run.resume, rank=rank)
     stream = iter(data)
 
     def save(step: int) -> None:

@@ -5,6 +5,8 @@ every key is a field below. Unknown sections or keys are errors that name the ke
 with a silent default.
 """
 import dataclasses
+import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -172,7 +174,32 @@ def load_recipe(path, overrides: list[str] | None = None) -> TrainConfig:
             d = tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"recipe {path} is not valid TOML: {e}") from e
-    return apply_overrides(from_dict(d), overrides or [])
+    return validate(apply_overrides(from_dict(d), overrides or []))
+
+
+_LIMITS = {  # key: (lowest allowed, strictly above it?)
+    "schedule.steps": (1, False), "schedule.warmup_steps": (0, False), "data.batch_size": (1, False),
+    "data.seq_len": (2, False), "optim.lr": (0, True), "optim.eps": (0, True), "optim.weight_decay": (0, False),
+    "optim.grad_clip": (0, False), "optim.grad_accum": (1, False), "optim.min_lr_ratio": (0, False),
+    "checkpoint.every": (0, False), "checkpoint.keep_last": (0, False), "run.log_every": (1, False),
+    "run.max_consecutive_nonfinite": (1, False), "run.threads": (0, False), "model.lora_rank": (1, False),
+}
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` if its values make sense, else a ValueError naming the key (before any work is done)."""
+    for key, (low, strict) in _LIMITS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise ValueError(f"{key} = {value!r}: must be {'>' if strict else '>='} {low}")
+    betas = cfg.optim.betas
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                  for b in betas):
+        raise ValueError(f"optim.betas = {betas!r}: must be two numbers in [0, 1)")
+    if cfg.run.device != "auto" and not re.fullmatch(r"(cpu|cuda|mps|xpu)(:\d+)?", cfg.run.device):
+        raise ValueError(f"run.device = {cfg.run.device!r}: must be auto, cpu, cuda, cuda:N, mps or xpu")
+    return cfg
 
 
 def to_dict(cfg: TrainConfig) -> dict:

@@ -8,6 +8,7 @@ run killed at any moment leaves either the previous states or the new one, never
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -22,6 +23,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 log = logging.getLogger(__name__)
 PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+FILES = ("model.pt", "optim.pt", "trainer.pt")
 
 
 def _rank() -> int:
@@ -80,22 +83,84 @@ def save_state(ckpt_dir, step: int, model, optimizer, trainer: dict, keep_last: 
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"{PREFIX}{step:08d}"
-    tmp = ckpt_dir / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    _save_file(model_sd, tmp / "model.pt")
-    _save_file(optim_sd, tmp / "optim.pt")
-    _save_file({**trainer, "step": step, "rng": rng_state()}, tmp / "trainer.pt")
-    _fsync_dir(tmp)
-    if final.exists():  # a state of the same step from an earlier attempt
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    tmp = ckpt_dir / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+    try:  # a failed write (disk full, Ctrl-C) leaves no temporary folder behind; kill -9 is cleaned at start
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        _save_file(model_sd, tmp / "model.pt")
+        _save_file(optim_sd, tmp / "optim.pt")
+        _save_file({**trainer, "step": step, "rng": rng_state()}, tmp / "trainer.pt")
+        sizes = {name: (tmp / name).stat().st_size for name in FILES}
+        (tmp / "manifest.json").write_text(json.dumps({"step": step, "bytes": sizes}))
+        _fsync_dir(tmp)
+        if final.exists():  # a state of the same step from an earlier attempt
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     _fsync_dir(ckpt_dir)
     for old in list_states(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old)
     log.info("saved training state %s", final)
     return final
+
+
+def clean_temporary(ckpt_dir) -> list[Path]:
+    """Delete the temporary folders that killed or failed writes left in `ckpt_dir` (those of processes that
+    are still alive excepted); return them."""
+    ckpt_dir = Path(ckpt_dir)
+    removed = []
+    for p in ckpt_dir.glob(f"{TMP_PREFIX}{PREFIX}*") if ckpt_dir.is_dir() else ():
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    if removed:
+        log.warning("removed %d unfinished training state(s) left by an interrupted write: %s", len(removed),
+                    ", ".join(p.name for p in removed))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def state_problem(path) -> str | None:
+    """Why the state folder `path` cannot be resumed from (a file missing or of the wrong size, against the
+    manifest written with it), or None. States written before manifests existed are only checked for files."""
+    path = Path(path)
+    missing = [name for name in FILES if not (path / name).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        return f"unreadable manifest.json ({e})"
+    for name, size in manifest.get("bytes", {}).items():
+        if (path / name).stat().st_size != size:
+            return f"{name} has {(path / name).stat().st_size} bytes, {size} were written (truncated?)"
+    return None
+
+
+def newest_good_state(ckpt_dir) -> Path | None:
+    """The newest state of `ckpt_dir` that `state_problem` finds nothing wrong with; each newer one that is
+    broken is reported (a warning) and passed over."""
+    for path in reversed(list_states(ckpt_dir)):
+        problem = state_problem(path)
+        if problem is None:
+            return path
+        log.warning("training state %s is damaged (%s): resuming from an older one", path, problem)
+    return None
 
 
 def load_state(path, model, optimizer) -> dict:
