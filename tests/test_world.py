@@ -198,3 +198,60 @@ def test_cli_and_bad_scale(tmp_path, capsys):
     assert "synthetic world" in capsys.readouterr().out
     with pytest.raises(ValueError, match="unknown world scale"):
         generate_world(tmp_path / "x", scale="huge")
+
+
+def test_reading_drills_answer_every_question_as_the_description_says():
+    rng = random.Random(3)
+    for _ in range(40):
+        scene = sample_scene(rng, max_shapes=6)
+        caption, text = D.describe(scene), D.reading_drill(scene, random.Random(1))
+        assert text.startswith(caption + " ")
+        asked = text[len(caption):]
+        for qa in D.questions(scene):
+            assert f" {qa.question} {qa.answer}." in asked
+
+
+def test_reading_conversations_describe_once_and_answer_in_the_benchmark_formats():
+    rng = random.Random(4)
+    for _ in range(20):
+        scene = sample_scene(rng)
+        turns = D.reading_conversation(scene, random.Random(2))
+        asked, answers = turns[0::2], [t["value"] for t in turns[1::2]]
+        assert len(asked) == 6 and asked[0]["value"].startswith(f"Here is a picture: {D.describe(scene)}\n")
+        assert all("Here is a picture" not in t["value"] for t in asked[1:])
+        truths = {qa.answer for qa in D.questions(scene)}
+        for q, a in zip(asked, answers):
+            if q["value"].endswith(D.SHORT):
+                assert a in truths
+            elif q["value"].endswith(D.YESNO):
+                assert a in ("Yes", "No")
+            else:
+                assert q["value"].endswith(D.MC) and a in D.LETTERS
+
+
+def test_plain_questions_get_short_sentences():
+    from monovl.world.images import Scene, Shape
+
+    scene = Scene(112, 112, "white", "plain", (Shape("circle", "red", "small", (0, 0), 18, 18, 8),
+                                                Shape("star", "blue", "large", (2, 2), 90, 90, 12)), "sun", (1, 1),
+                  "black")
+    sentences = {qa.question: qa.sentence for qa in D.questions(scene)}
+    assert sentences["What colour is the circle?"] == "The circle is red."
+    assert sentences["What shape is the blue object?"] == "The blue object is a star."
+    assert sentences["How many shapes are there in the picture?"] == "There are 2 shapes in the picture."
+    assert sentences["How many circles are there?"] == "There is one circle."
+    assert sentences["How many squares are there?"] == "There are no squares."  # the first absent kind
+    assert sentences["Where is the blue star?"] == "The blue star is at the bottom right."
+    assert sentences["What word is written in the picture?"] == 'The word "sun" is written in the picture.'
+    turns = D.plain_conversation(scene, random.Random(0))
+    assert turns[0]["value"].startswith("<image>")
+    for q, a in zip(turns[0::2], turns[1::2]):
+        question = q["value"].removeprefix("<image>\n")
+        assert a["value"] == sentences.get(question, D.describe(scene))
+
+
+def test_eval_scale_writes_benchmarks_only(tmp_path):
+    result = generate_world(tmp_path / "w", seed=1, scale="eval")
+    counts = result["counts"]
+    assert counts["bench_mc"] == counts["bench_yesno"] == counts["bench_open"] == 300
+    assert counts["train_images"] == counts["s1_3"] == counts["reading"] == 0

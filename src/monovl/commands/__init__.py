@@ -38,7 +38,8 @@ def number(kind: type, low: float | None = None, high: float | None = None, *, l
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
     """The sampling flags of `monovl.generation.stream_generate`."""
-    p.add_argument("--max-new-tokens", type=number(int, 1), default=512, help="answer budget in tokens")
+    p.add_argument("--max-new-tokens", type=number(int, 1), default=256,
+                   help="answer budget in tokens (the answer ends earlier at the end-of-turn token)")
     p.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 is greedy")
     p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=1.0, help="nucleus sampling mass")
     p.add_argument("--top-k", type=number(int, 0), default=0, help="sample among the k likeliest tokens; 0 = all")
