@@ -20,7 +20,7 @@ from monovl.model import MonoInternVL
 
 log = logging.getLogger(__name__)
 INDEX = "model.safetensors.index.json"
-LLM_PREFIX = "language_model."  # a plain InternLM2 checkpoint stores our `language_model.*` without it
+LLM_PREFIX = "language_model."  # a plain LLM checkpoint (InternLM2, Qwen, Llama) stores `language_model.*` without it
 
 
 class CheckpointError(ValueError):
@@ -101,7 +101,8 @@ def _expert_hint(cfg: ModelConfig, missing: list[str], unexpected: list[str]) ->
 
 
 def load_model(path, *, dtype: torch.dtype | None = None, device=None, image_token_id: int | None = None):
-    """Load a release-format folder (InternVLChatModel, or an InternLM2ForCausalLM as the text part)."""
+    """Load a release-format folder (InternVLChatModel), or a plain LLM folder (InternLM2/Qwen2/Qwen3/Llama
+    *ForCausalLM) as the text part."""
     path = Path(path)
     cfg = read_config(path)
     device = torch.device(device or "cpu")
@@ -116,7 +117,9 @@ def load_model(path, *, dtype: torch.dtype | None = None, device=None, image_tok
     cfg.image_token_id = image_token_id
     with torch.device("meta"):
         model = MonoInternVL(cfg)
-    params = {_file_key(cfg, n): n for n, _ in model.named_parameters()}
+    params = {_file_key(cfg, n): n for n, _ in model.named_parameters()}  # a tied head is not listed
+    tied = cfg.llm.tie_word_embeddings
+    tied_head = {_file_key(cfg, f"{LLM_PREFIX}{n}.weight") for n in ("lm_head", "output") if tied}
     seen, unexpected, problems = set(), [], []
     for file in _weight_files(path):
         try:
@@ -126,7 +129,8 @@ def load_model(path, *, dtype: torch.dtype | None = None, device=None, image_tok
         with handle as f:
             for key in f.keys():
                 if key not in params:
-                    unexpected.append(key)
+                    if key not in tied_head:  # some tied checkpoints store the head's (equal) copy too
+                        unexpected.append(key)
                     continue
                 name = params[key]
                 want = tuple(model.get_parameter(name).shape)
@@ -143,6 +147,7 @@ def load_model(path, *, dtype: torch.dtype | None = None, device=None, image_tok
         parts += [f"unexpected key(s): {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}"] \
             if unexpected else []
         raise CheckpointError(f"{path}: " + "; ".join(parts) + _expert_hint(cfg, missing, unexpected))
+    model.language_model.tie_weights()
     log.info("loaded %s (%s, %d tensors, %s)", path, cfg.architecture, len(seen), dtype)
     return model.eval()
 

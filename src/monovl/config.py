@@ -9,7 +9,12 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 
-SUPPORTED_ARCHITECTURES = ("InternVLChatModel", "InternLM2ForCausalLM", "InternLM2VEForCausalLM")
+SUPPORTED_ARCHITECTURES = ("InternVLChatModel", "InternLM2ForCausalLM", "InternLM2VEForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen3ForCausalLM", "LlamaForCausalLM")
+# LLM family → (architecture, model_type) of its Hugging Face config; "internlm2" also has InternLM2VEForCausalLM.
+FAMILIES = {"internlm2": ("InternLM2ForCausalLM", "internlm2"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+            "qwen3": ("Qwen3ForCausalLM", "qwen3"), "llama": ("LlamaForCausalLM", "llama")}
+_FAMILY_OF = {arch: family for family, (arch, _) in FAMILIES.items()}
 
 
 @dataclass
@@ -28,10 +33,17 @@ class LLMConfig:
     num_kv_heads: int = 8
     intermediate_size: int = 8192
     rope_theta: float = 1e6
-    rope_scaling: dict | None = None  # {"type": "linear" | "dynamic", "factor": f}
+    rope_scaling: dict | None = None  # {"type": "linear" | "dynamic", "factor": f}, or {"rope_type": "llama3", …}
     max_position_embeddings: int = 32768
     rms_norm_eps: float = 1e-5
-    bias: bool = False
+    bias: bool = False  # InternLM2: a bias on every projection
+    family: str = "internlm2"  # a FAMILIES key: which layout and parameter names the decoder uses
+    qkv_bias: bool = False  # q/k/v projection biases (Qwen2; Llama/Qwen3 `attention_bias`); InternLM2 uses `bias`
+    o_bias: bool = False  # output-projection bias (Llama/Qwen3 `attention_bias`)
+    mlp_bias: bool = False  # Llama `mlp_bias`
+    qk_norm: bool = False  # Qwen3: per-head RMSNorm of q and k before RoPE
+    tie_word_embeddings: bool = False  # the output head shares the token-embedding matrix
+    explicit_head_dim: int | None = None  # `head_dim` when config.json declares one (Qwen3, Llama 3)
     visual_ffn_experts: bool = True  # False for a plain InternLM2 LLM
     visual_attention_experts: bool = False  # Mono-InternVL-1.5 attention experts
     bos_token_id: int = 1
@@ -40,7 +52,7 @@ class LLMConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_heads
 
 
 @dataclass
@@ -68,7 +80,7 @@ class ModelConfig:
 
     @property
     def architecture(self) -> str:
-        return "InternVLChatModel" if self.vision is not None else "InternLM2ForCausalLM"
+        return "InternVLChatModel" if self.vision is not None else FAMILIES[self.llm.family][0]
 
 
 def _debug() -> ModelConfig:
@@ -125,37 +137,71 @@ def preset(name: str, **llm_overrides) -> ModelConfig:
     return cfg
 
 
-def _llm_from_hf(d: dict, *, visual_ffn_experts: bool) -> LLMConfig:
+def _rope_from_hf(d: dict) -> tuple[float, dict | None]:
+    """(rope θ, scaling) from `rope_theta` + `rope_scaling`, or from `rope_parameters` (newer files)."""
+    params = d.get("rope_parameters")
+    if params is None:
+        return float(d.get("rope_theta", 10000.0)), d.get("rope_scaling")
+    params = dict(params)
+    theta = float(params.pop("rope_theta", d.get("rope_theta", 10000.0)))
+    return theta, params if params.get("rope_type", params.get("type", "default")) != "default" else None
+
+
+def _family_fields(d: dict, family: str) -> dict:
+    """The fields in which the Llama-style families differ (biases, q/k norm, head_dim, tied output)."""
+    if family == "internlm2":
+        return {}
+    if d.get("use_sliding_window"):
+        raise ValueError("sliding-window attention (use_sliding_window: true) is not supported")
+    attention_bias = bool(d.get("attention_bias", False))
+    return dict(qkv_bias=True if family == "qwen2" else attention_bias, o_bias=family != "qwen2" and attention_bias,
+                mlp_bias=bool(d.get("mlp_bias", False)), qk_norm=family == "qwen3",
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), explicit_head_dim=d.get("head_dim"))
+
+
+def _token_id(value, default):
+    """A token id field; a list (Llama 3 lists several EOS ids) gives its first entry."""
+    if isinstance(value, list):
+        return value[0] if value else default
+    return default if value is None else value
+
+
+def _llm_from_hf(d: dict, *, family: str, visual_ffn_experts: bool) -> LLMConfig:
+    theta, scaling = _rope_from_hf(d)
     return LLMConfig(
         vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
         num_heads=d["num_attention_heads"], num_kv_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
-        intermediate_size=d["intermediate_size"], rope_theta=float(d.get("rope_theta", 10000.0)),
-        rope_scaling=d.get("rope_scaling"), max_position_embeddings=d.get("max_position_embeddings", 2048),
-        rms_norm_eps=d.get("rms_norm_eps", 1e-6), bias=bool(d.get("bias", False)),
-        visual_ffn_experts=visual_ffn_experts,
+        intermediate_size=d["intermediate_size"], rope_theta=theta, rope_scaling=scaling,
+        max_position_embeddings=d.get("max_position_embeddings", 2048),
+        rms_norm_eps=d.get("rms_norm_eps", 1e-6), bias=bool(d.get("bias", False)), family=family,
+        **_family_fields(d, family), visual_ffn_experts=visual_ffn_experts,
         visual_attention_experts=bool(d.get("visual_attention_experts", False)),
-        bos_token_id=d.get("bos_token_id", 1), eos_token_id=d.get("eos_token_id", 2),
-        pad_token_id=d.get("pad_token_id", 2),
+        bos_token_id=_token_id(d.get("bos_token_id"), 1), eos_token_id=_token_id(d.get("eos_token_id"), 2),
+        pad_token_id=_token_id(d.get("pad_token_id"), _token_id(d.get("eos_token_id"), 2)),
     )
 
 
+def _llm_family(arch: str) -> str:
+    return "internlm2" if arch == "InternLM2VEForCausalLM" else _FAMILY_OF[arch]
+
+
 def from_hf_config(d: dict) -> ModelConfig:
-    """Map a Hugging Face `config.json` dict (InternVLChatModel or InternLM2ForCausalLM) to a ModelConfig."""
+    """Map a Hugging Face `config.json` dict (InternVLChatModel or a supported *ForCausalLM) to a ModelConfig."""
     arch = (d.get("architectures") or ["<none>"])[0]
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {arch!r} in config.json; monovl supports "
                          f"{', '.join(SUPPORTED_ARCHITECTURES)}")
     if arch != "InternVLChatModel":
-        return ModelConfig(llm=_llm_from_hf(d, visual_ffn_experts=arch == "InternLM2VEForCausalLM"),
-                           vision=None, hf=copy.deepcopy(d))
+        llm = _llm_from_hf(d, family=_llm_family(arch), visual_ffn_experts=arch == "InternLM2VEForCausalLM")
+        return ModelConfig(llm=llm, vision=None, hf=copy.deepcopy(d))
     v, llm = d["vision_config"], d["llm_config"]
     llm_arch = (llm.get("architectures") or ["InternLM2VEForCausalLM"])[0]
-    if llm_arch != "InternLM2VEForCausalLM":
-        raise ValueError(f"unsupported llm_config architecture {llm_arch!r}: monovl runs monolithic "
-                         "checkpoints whose LLM is InternLM2VEForCausalLM")
+    if llm_arch not in SUPPORTED_ARCHITECTURES[2:]:
+        raise ValueError(f"unsupported llm_config architecture {llm_arch!r}: monovl runs monolithic checkpoints "
+                         f"whose LLM is one of {', '.join(SUPPORTED_ARCHITECTURES[2:])}")
     image_size = d.get("force_image_size") or v.get("image_size", 448)
     return ModelConfig(
-        llm=_llm_from_hf(llm, visual_ffn_experts=True),
+        llm=_llm_from_hf(llm, family=_llm_family(llm_arch), visual_ffn_experts=True),
         vision=VisionConfig(image_size=image_size, patch_size=v.get("patch_size", 14), hidden_size=v["hidden_size"]),
         downsample_ratio=d.get("downsample_ratio", 0.5), ps_version=d.get("ps_version", "v2"),
         template=d.get("template", "internlm2-chat"), dynamic_image_size=d.get("dynamic_image_size", True),
@@ -166,6 +212,8 @@ def from_hf_config(d: dict) -> ModelConfig:
 
 def _llm_to_hf(c: LLMConfig, base: dict, arch: str) -> dict:
     d = dict(base)
+    if c.family != "internlm2":
+        return _family_llm_to_hf(c, d)
     d.update(architectures=[arch], model_type="internlm2", vocab_size=c.vocab_size, hidden_size=c.hidden_size,
              num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
              intermediate_size=c.intermediate_size, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
@@ -177,16 +225,32 @@ def _llm_to_hf(c: LLMConfig, base: dict, arch: str) -> dict:
     return d
 
 
+def _family_llm_to_hf(c: LLMConfig, d: dict) -> dict:
+    """A Qwen/Llama config: the source file's fields (rope, token ids, …) kept; sizes and expert flags set."""
+    arch, model_type = FAMILIES[c.family]
+    d.update(architectures=[arch], model_type=model_type, vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+             num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+             intermediate_size=c.intermediate_size, rms_norm_eps=c.rms_norm_eps, hidden_act="silu",
+             tie_word_embeddings=c.tie_word_embeddings)
+    if c.explicit_head_dim is not None:
+        d["head_dim"] = c.explicit_head_dim
+    if "rope_parameters" not in d:
+        d.update(rope_theta=c.rope_theta, rope_scaling=c.rope_scaling)
+    if c.visual_attention_experts or "visual_attention_experts" in d:
+        d["visual_attention_experts"] = c.visual_attention_experts
+    return d
+
+
 def to_hf_config(cfg: ModelConfig, torch_dtype: str | None = None) -> dict:
     """The `config.json` dict: the original fields, updated with this config's values."""
     d = copy.deepcopy(cfg.hf)
     if cfg.vision is None:
-        arch = "InternLM2VEForCausalLM" if cfg.llm.visual_ffn_experts else "InternLM2ForCausalLM"
+        arch = "InternLM2VEForCausalLM" if cfg.llm.visual_ffn_experts else cfg.architecture
         d = _llm_to_hf(cfg.llm, d, arch)
         if torch_dtype:
             d["torch_dtype"] = torch_dtype
         return d
-    llm = _llm_to_hf(cfg.llm, d.get("llm_config", {}), "InternLM2VEForCausalLM")
+    llm = _llm_to_hf(cfg.llm, d.get("llm_config", {}), "InternLM2VEForCausalLM")  # others: their own name
     vision = dict(d.get("vision_config", {}))
     vision.update(model_type="intern_vit_patch", architectures=["InternVisionPatchModel"],
                   image_size=cfg.vision.image_size, patch_size=cfg.vision.patch_size,

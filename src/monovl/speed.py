@@ -61,7 +61,7 @@ def count(model: MonoInternVL, n_text: int, num_visual: int, tiles: int, decode_
     dense = prefill + c.num_layers * 2 * t * ffn_params * (1 if c.visual_ffn_experts else 0) + head * (t - 1)
     if c.visual_attention_experts:
         dense += c.num_layers * 2 * t * attn_params
-    bytes_per = model.language_model.output.weight.element_size()
+    bytes_per = model.language_model.head.weight.element_size()
     weights = c.num_layers * (attn_params + ffn_params + 2 * d) + d + c.vocab_size * d + d
     kv = c.num_layers * 2 * c.num_kv_heads * hd * decode_kv
     return Flops(prefill, dense, (weights + kv) * bytes_per)
@@ -70,7 +70,7 @@ def count(model: MonoInternVL, n_text: int, num_visual: int, tiles: int, decode_
 def run_bench(model: MonoInternVL, *, tiles: int = 1, text_tokens: int = 32, decode_tokens: int = 16,
               repeat: int = 3, dense: bool = True) -> dict:
     """Time prefill (TTFT), decode and the dense blend on a synthetic prompt; return the figures."""
-    p = model.language_model.output.weight
+    p = model.language_model.head.weight
     device, dtype = p.device, p.dtype
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     img = model.cfg.image_token_id

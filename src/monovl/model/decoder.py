@@ -1,7 +1,10 @@
-"""InternLM2 decoder with Mono-InternVL's modality-routed visual experts.
+"""The Llama-style decoder (InternLM2, Qwen2/2.5, Qwen3, Llama) with Mono-InternVL's modality-routed experts.
 
-A plain InternLM2 layer is `x + Attention(norm(x))` then `h + FFN(norm(h))`. Mono-InternVL adds, per layer,
-`feed_forward_ve` (and in v1.5 `attention_ve.{wqkv,wo}`): a token whose id is <IMG_CONTEXT> runs through the
+The families differ only in the declared places below: `LAYOUTS` (module names: the checkpoint's own), packed
+(`PackedQKV`, InternLM2) or separate (`SeparateQKV`) q/k/v projections, their biases, Qwen3's q/k norm, the
+rope variant (`rope_cos_sin`) and a tied output head. A plain layer is `x + Attention(norm(x))` then
+`h + FFN(norm(h))`. Mono-InternVL adds, per layer, a visual FFN expert (`feed_forward_ve` / `mlp_ve`; in v1.5 also
+`attention_ve` / `self_attn_ve`): a token whose id is <IMG_CONTEXT> runs through the
 visual weights, every other token through the text weights. `Routing` is computed once per forward and each
 token goes through exactly one expert (gather → expert → scatter); `dense=True` reproduces the official blend
 (both experts on every token, mixed by the mask) for benchmarks and tests.
@@ -30,18 +33,32 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama 3 rope scaling: long wavelengths divided by `factor`, short ones kept, the band between blended."""
+    factor, low, high = float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    context = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    blend = ((context / wavelen - low) / (high - low)).clamp(0.0, 1.0)  # 0 at the low-frequency edge, 1 at the high
+    blended = (1 - blend) * inv_freq / factor + blend * inv_freq
+    out = torch.where(wavelen > context / low, inv_freq / factor, blended)
+    return torch.where(wavelen < context / high, inv_freq, out)
+
+
 def rope_cos_sin(cfg: LLMConfig, input_pos: torch.Tensor, kv_len: int, dtype: torch.dtype):
-    """cos/sin (B, T, Dh) for positions (B, T), with InternLM2's linear and dynamic-NTK scaling."""
+    """cos/sin (B, T, Dh) for positions (B, T): plain, linear, dynamic-NTK (InternLM2) or llama3 scaling."""
     dim, base, scale = cfg.head_dim, cfg.rope_theta, 1.0
-    kind = (cfg.rope_scaling or {}).get("type")
-    factor = float((cfg.rope_scaling or {}).get("factor", 1.0))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    factor = float(scaling.get("factor", 1.0))
     if kind == "linear":
         scale = factor
     elif kind == "dynamic" and kv_len > cfg.max_position_embeddings:
         base = base * (factor * kv_len / cfg.max_position_embeddings - (factor - 1)) ** (dim / (dim - 2))
-    elif kind not in (None, "linear", "dynamic"):
-        raise ValueError(f"unsupported rope_scaling type {kind!r} (InternLM2 defines 'linear' and 'dynamic')")
+    elif kind not in (None, "default", "linear", "dynamic", "llama3"):
+        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, dynamic, llama3)")
     inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, device=input_pos.device).float() / dim)  # (Dh/2,)
+    if kind == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, scaling)
     freqs = (input_pos.float() / scale)[..., None] * inv_freq  # (B, T, Dh/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, Dh)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -87,7 +104,30 @@ class Routing:
         return out.view(b, t, -1)  # (B, T, Dout)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """A family's module names (the checkpoint's). A visual expert is named after its text module + `_ve`."""
+    attention: str
+    feed_forward: str
+    attention_norm: str
+    ffn_norm: str
+    embed: str
+    head: str
+
+
+LAYOUTS = {
+    "internlm2": Layout("attention", "feed_forward", "attention_norm", "ffn_norm", "tok_embeddings", "output"),
+    "hf": Layout("self_attn", "mlp", "input_layernorm", "post_attention_layernorm", "embed_tokens", "lm_head"),
+}
+
+
+def layout(cfg: LLMConfig) -> Layout:
+    return LAYOUTS["internlm2" if cfg.family == "internlm2" else "hf"]
+
+
 class FeedForward(nn.Module):
+    """InternLM2's SiLU-gated FFN: w2(silu(w1 x) * w3 x)."""
+
     def __init__(self, cfg: LLMConfig):
         super().__init__()
         d, f = cfg.hidden_size, cfg.intermediate_size
@@ -99,13 +139,77 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-class AttentionProjections(nn.Module):
-    """`wqkv` packs q, k, v per kv-head group: output rows (n_kv, n_rep + 2, Dh)."""
+class MLP(nn.Module):
+    """The same SiLU-gated FFN under Qwen/Llama names: down(silu(gate x) * up x)."""
 
     def __init__(self, cfg: LLMConfig):
         super().__init__()
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(f, d, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class PackedQKV(nn.Module):
+    """InternLM2: `wqkv` packs q, k, v per kv-head group: output rows (n_kv, n_rep + 2, Dh)."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.cfg = cfg
         self.wqkv = nn.Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, bias=cfg.bias)
         self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.bias)
+
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        return self.wqkv(x)  # (B, T, (H+2Hkv)*Dh)
+
+    def out(self, o: torch.Tensor) -> torch.Tensor:
+        return self.wo(o)
+
+    def split(self, qkv: torch.Tensor):
+        """(B, T, (H+2Hkv)*Dh) → q (B, H, T, Dh), k, v (B, Hkv, T, Dh)."""
+        c, (b, t, _) = self.cfg, qkv.shape
+        n_rep = c.num_heads // c.num_kv_heads
+        qkv = qkv.view(b, t, c.num_kv_heads, n_rep + 2, c.head_dim)  # (B, T, Hkv, n_rep+2, Dh)
+        q = qkv[:, :, :, :n_rep].reshape(b, t, c.num_heads, c.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        return q, qkv[:, :, :, -2].transpose(1, 2), qkv[:, :, :, -1].transpose(1, 2)  # k, v: (B, Hkv, T, Dh)
+
+
+class SeparateQKV(nn.Module):
+    """Qwen/Llama: `q_proj`, `k_proj`, `v_proj`, `o_proj`; Qwen3 adds per-head `q_norm`, `k_norm` before RoPE."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., D) → [q | k | v] (..., (H+2Hkv)*Dh), q and k already normed (the norm is per token and head)."""
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.q_norm is not None:
+            hd = self.cfg.head_dim
+            q = self.q_norm(q.unflatten(-1, (-1, hd))).flatten(-2)  # normed over Dh per head
+            k = self.k_norm(k.unflatten(-1, (-1, hd))).flatten(-2)
+        return torch.cat([q, k, self.v_proj(x)], dim=-1)
+
+    def out(self, o: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(o)
+
+    def split(self, qkv: torch.Tensor):
+        """(B, T, (H+2Hkv)*Dh) → q (B, H, T, Dh), k, v (B, Hkv, T, Dh)."""
+        c = self.cfg
+        q, k, v = qkv.split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], -1)
+        return (q.unflatten(-1, (c.num_heads, c.head_dim)).transpose(1, 2),  # (B, H, T, Dh)
+                k.unflatten(-1, (c.num_kv_heads, c.head_dim)).transpose(1, 2),  # (B, Hkv, T, Dh)
+                v.unflatten(-1, (c.num_kv_heads, c.head_dim)).transpose(1, 2))
 
 
 class KVCache:
@@ -149,32 +253,35 @@ class ForwardContext:
 
 
 class DecoderLayer(nn.Module):
+    """`x + Attention(norm(x))`, then `h + FFN(norm(h))`, each chosen by modality; modules named per `Layout`."""
+
     def __init__(self, cfg: LLMConfig):
         super().__init__()
-        self.cfg = cfg
-        self.attention = AttentionProjections(cfg)
-        self.attention_ve = AttentionProjections(cfg) if cfg.visual_attention_experts else None
-        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.feed_forward = FeedForward(cfg)
-        self.feed_forward_ve = FeedForward(cfg) if cfg.visual_ffn_experts else None
+        self.cfg, self.names = cfg, layout(cfg)
+        n, attention, ffn = self.names, PackedQKV if cfg.family == "internlm2" else SeparateQKV, \
+            FeedForward if cfg.family == "internlm2" else MLP
+        self.add_module(n.attention, attention(cfg))
+        self.add_module(n.attention + "_ve", attention(cfg) if cfg.visual_attention_experts else None)
+        self.add_module(n.attention_norm, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
+        self.add_module(n.ffn_norm, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
+        self.add_module(n.feed_forward, ffn(cfg))
+        self.add_module(n.feed_forward + "_ve", ffn(cfg) if cfg.visual_ffn_experts else None)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, layer: int) -> torch.Tensor:
-        ve = self.attention_ve
-        ve_wqkv, ve_wo = (ve.wqkv, ve.wo) if ve is not None else (None, None)
-        qkv = ctx.routing(self.attention_norm(x), self.attention.wqkv, ve_wqkv)  # (B, T, (H+2Hkv)*Dh)
-        o = self._attend(qkv, ctx, layer)  # (B, T, H*Dh)
-        x = x + ctx.routing(o, self.attention.wo, ve_wo)
-        return x + ctx.routing(self.ffn_norm(x), self.feed_forward, self.feed_forward_ve)
+        n = self.names
+        attn, ve = getattr(self, n.attention), getattr(self, n.attention + "_ve")
+        ve_qkv, ve_out = (ve.qkv, ve.out) if ve is not None else (None, None)
+        qkv = ctx.routing(getattr(self, n.attention_norm)(x), attn.qkv, ve_qkv)  # (B, T, (H+2Hkv)*Dh)
+        o = self._attend(attn.split(qkv), ctx, layer)  # (B, T, H*Dh)
+        x = x + ctx.routing(o, attn.out, ve_out)
+        ffn, ffn_ve = getattr(self, n.feed_forward), getattr(self, n.feed_forward + "_ve")
+        return x + ctx.routing(getattr(self, n.ffn_norm)(x), ffn, ffn_ve)
 
-    def _attend(self, qkv: torch.Tensor, ctx: ForwardContext, layer: int) -> torch.Tensor:
+    def _attend(self, qkv: tuple, ctx: ForwardContext, layer: int) -> torch.Tensor:
         c = self.cfg
-        b, t, _ = qkv.shape
+        q, k, v = qkv  # (B, H, T, Dh), (B, Hkv, T, Dh) × 2
+        b, _, t, _ = q.shape
         n_rep = c.num_heads // c.num_kv_heads
-        qkv = qkv.view(b, t, c.num_kv_heads, n_rep + 2, c.head_dim)  # (B, T, Hkv, n_rep+2, Dh)
-        q = qkv[:, :, :, :n_rep].reshape(b, t, c.num_heads, c.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        k = qkv[:, :, :, -2].transpose(1, 2)  # (B, Hkv, T, Dh)
-        v = qkv[:, :, :, -1].transpose(1, 2)  # (B, Hkv, T, Dh)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.update(layer, ctx.input_pos, k, v, ctx.kv_len, ctx.cache_rows)  # (B, Hkv, S, Dh)
@@ -185,22 +292,39 @@ class DecoderLayer(nn.Module):
         return o.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim)
 
 
-class InternLM2Model(nn.Module):
+class DecoderModel(nn.Module):
+    """`model.*`: token embeddings, layers, final norm."""
+
     def __init__(self, cfg: LLMConfig):
         super().__init__()
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.add_module(layout(cfg).embed, nn.Embedding(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-class InternLM2ForCausalLM(nn.Module):
-    """`model.*` + untied `output`; parameter names equal the checkpoint's."""
+class CausalLM(nn.Module):
+    """`model.*` + the output head (`output`, or `lm_head`, tied to the embeddings when the config says so);
+    parameter names equal the checkpoint's."""
 
     def __init__(self, cfg: LLMConfig):
         super().__init__()
         self.cfg = cfg
-        self.model = InternLM2Model(cfg)
-        self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.model = DecoderModel(cfg)
+        self.add_module(layout(cfg).head, nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False))
+        self.tie_weights()
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return getattr(self.model, layout(self.cfg).embed)
+
+    @property
+    def head(self) -> nn.Linear:
+        return getattr(self, layout(self.cfg).head)
+
+    def tie_weights(self) -> None:
+        """With `tie_word_embeddings`, make the head share the embedding matrix (again, after loading)."""
+        if self.cfg.tie_word_embeddings:
+            self.head.weight = self.embed_tokens.weight
 
     def forward(self, x: torch.Tensor, visual_mask: torch.Tensor | None = None, *, input_pos=None,
                 cache: KVCache | None = None, logits_at: torch.Tensor | None = None, dense: bool = False,
@@ -232,4 +356,4 @@ class InternLM2ForCausalLM(nn.Module):
             x = layer(x, ctx, i)
         if logits_at is not None:
             x = x[torch.arange(b, device=x.device), logits_at][:, None]  # (B, 1, D)
-        return self.output(self.model.norm(x))  # (B, T', V)
+        return self.head(self.model.norm(x))  # (B, T', V)

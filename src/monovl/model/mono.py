@@ -1,17 +1,17 @@
-"""Mono-InternVL: a patch embedding feeding an InternLM2 decoder that carries visual experts."""
+"""Mono-InternVL: a patch embedding feeding a Llama-style decoder (InternLM2, Qwen, Llama) with visual experts."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from monovl.config import ModelConfig
-from monovl.model.decoder import InternLM2ForCausalLM, KVCache
+from monovl.model.decoder import CausalLM, KVCache
 from monovl.model.vision import VisionModel, make_mlp1, pixel_shuffle
 
 
 class MonoInternVL(nn.Module):
     """Parameter names equal the release checkpoint's: `vision_model.*`, `mlp1.*`, `language_model.*`.
-    With `cfg.vision` None it is a plain text LLM (an InternLM2ForCausalLM checkpoint under `language_model.`)."""
+    With `cfg.vision` None it is a plain text LLM (a *ForCausalLM checkpoint under `language_model.`)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -20,7 +20,7 @@ class MonoInternVL(nn.Module):
             v = cfg.vision
             self.vision_model = VisionModel(v.image_size, v.patch_size, v.hidden_size)
             self.mlp1 = make_mlp1(cfg)
-        self.language_model = InternLM2ForCausalLM(cfg.llm)
+        self.language_model = CausalLM(cfg.llm)
 
     def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (N, 3, S, S) → visual tokens (N, num_image_token, D)."""
@@ -30,8 +30,7 @@ class MonoInternVL(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None):
         """Token embeddings with image features placed, in order, on the <IMG_CONTEXT> rows → ((B, T, D), mask)."""
-        lm = self.language_model.model
-        x = lm.tok_embeddings(input_ids)  # (B, T, D)
+        x = self.language_model.embed_tokens(input_ids)  # (B, T, D)
         image_id = self.cfg.image_token_id
         visual_mask = input_ids == (image_id if image_id is not None else -1)  # (B, T)
         if pixel_values is not None and len(pixel_values):
@@ -51,11 +50,11 @@ class MonoInternVL(nn.Module):
                 input_pos: torch.Tensor | None = None, cache: KVCache | None = None,
                 logits_at: torch.Tensor | None = None, dense: bool = False,
                 cache_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, T) → logits (B, T, V) (or (B, 1, V) with `logits_at`). See InternLM2ForCausalLM."""
+        """input_ids (B, T) → logits (B, T, V) (or (B, 1, V) with `logits_at`). See CausalLM."""
         x, visual_mask = self.embed(input_ids, pixel_values)
         return self.language_model(x, visual_mask, input_pos=input_pos, cache=cache, logits_at=logits_at,
                                    dense=dense, cache_rows=cache_rows)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        p = self.language_model.output.weight
+        p = self.language_model.head.weight
         return KVCache(self.cfg.llm, batch, max_len, p.dtype, p.device)
