@@ -75,13 +75,13 @@ def render_segments(messages: Sequence[dict], system: str | None = None, num_ima
             raise ValueError(f"unknown role {role!r}: expected 'user' or 'assistant' (or a leading 'system')")
         out.append((_ROLE_HEADERS[role], True))
         if content:  # as the official template: an empty message renders as the bare role header
-            out += _content_segments(content, message.get("num_tiles"), num_image_token) + [(IM_END, True)]
+            out += content_segments(content, message.get("num_tiles"), num_image_token) + [(IM_END, True)]
     if messages and messages[-1]["role"] == "user":
         out.append((_ROLE_HEADERS["assistant"], True))
     return [(text, control) for text, control in out if text]
 
 
-def _content_segments(content: str, num_tiles: Sequence[int] | None, num_image_token: int) -> list[Segment]:
+def content_segments(content: str, num_tiles: Sequence[int] | None, num_image_token: int) -> list[Segment]:
     if num_tiles is None:
         return [(content, False)]
     pieces = content.split(IMAGE_PLACEHOLDER)

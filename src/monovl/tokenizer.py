@@ -25,7 +25,9 @@ from monovl.template import IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+# End-of-turn tokens of other families' chat templates (Llama 3, Qwen base models), stop ids where they exist.
+OTHER_STOP_TOKENS = ("<|eot_id|>", "<|end_of_text|>", "<|endoftext|>")
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 # InternLM2's chat specials in id order (92538..92543) and the InternVL tokens (92544..92552).
 INTERNLM2_CHAT_TOKENS = ("<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", IM_END, IM_START)
@@ -46,11 +48,20 @@ def _content(token) -> str | None:
     return token["content"] if isinstance(token, dict) else token
 
 
+def _chat_template(config: dict, jinja: bytes | None) -> str | None:
+    """`chat_template` of the config (a string, or a list of named templates: "default"), else the .jinja file."""
+    source = config.get("chat_template")
+    if isinstance(source, list):
+        source = next((t["template"] for t in source if t.get("name") == "default"), None)
+    return source if source is not None else (jinja.decode("utf-8") if jinja is not None else None)
+
+
 class Tokenizer:
     """Encode/decode with the files of a tokenizer folder (`files`: file name -> bytes, kept for `save`).
 
     Attributes read from the files: `bos_id`, `eos_id`, `pad_id` (EOS when no pad token is named),
-    `vocab_size` (added tokens included), `stop_token_ids`.
+    `vocab_size` (added tokens included), `stop_token_ids`, `chat_template` (the Jinja2 source from
+    `tokenizer_config.json` or `chat_template.jinja`; None without one) and `special_tokens` (name → string).
     """
 
     def __init__(self, files: dict[str, bytes]):
@@ -95,8 +106,11 @@ class Tokenizer:
         self.eos_id: int | None = ids["eos_token"]
         self.pad_id: int | None = ids["pad_token"] if ids["pad_token"] is not None else self.eos_id
         stops = [self.eos_id, self.token_to_id(IM_START), self.token_to_id(IM_END)]
-        # The official `internlm2-chat` stop ids: EOS, <|im_start|>, <|im_end|> (those that exist).
+        stops += [self.token_to_id(t) for t in OTHER_STOP_TOKENS]
+        # The official `internlm2-chat` stop ids (EOS, <|im_start|>, <|im_end|>), then other families' (those present).
         self.stop_token_ids: list[int] = list(dict.fromkeys(i for i in stops if i is not None))
+        self.special_tokens = {k: n for k, n in named.items() if n is not None}
+        self.chat_template: str | None = _chat_template(config, files.get("chat_template.jinja"))
         if self._hf is not None:
             self.vocab_size: int = self._hf.get_vocab_size(with_added_tokens=True)
         else:
