@@ -23,7 +23,9 @@ import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from monovl.config import TOKENIZER_TEMPLATE
 from monovl.template import Segment, content_segments
+from monovl.template import render_segments as internlm2_segments
 
 log = logging.getLogger(__name__)
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -100,3 +102,21 @@ def render_segments(source: str, messages: Sequence[dict], *, add_generation_pro
 def _expanded(messages: Sequence[dict], num_image_token: int) -> list[dict]:
     return [{"role": m["role"], "content": "".join(t for t, _ in content_segments(
         m["content"], m.get("num_tiles"), num_image_token))} for m in messages]
+
+
+def encode_messages(template: str, tokenizer, messages: Sequence[dict], *, system: str | None = None,
+                    num_image_token: int = 256, raw_special_tokens: bool = False) -> list[int]:
+    """Token ids of a prompt (ending with the generation prompt) in the model's template: `internlm2-chat`, or
+    `TOKENIZER_TEMPLATE` (the tokenizer's own; `system` None: the template's default system message)."""
+    if template != TOKENIZER_TEMPLATE:
+        segments, add_bos = internlm2_segments(messages, system, num_image_token), None
+    else:
+        if tokenizer.chat_template is None:
+            raise ValueError("the model's config asks for the tokenizer's chat template, but tokenizer_config.json "
+                             "has no chat_template")
+        if system is not None:
+            messages = [{"role": "system", "content": system}, *(m for m in messages if m["role"] != "system")]
+        segments = render_segments(tokenizer.chat_template, messages, tokens=tokenizer.special_tokens,
+                                   num_image_token=num_image_token)
+        add_bos = False  # the template writes BOS itself when its family uses one (as apply_chat_template)
+    return tokenizer.encode("".join(t for t, _ in segments) if raw_special_tokens else segments, add_bos=add_bos)

@@ -91,10 +91,11 @@ def _file_key(cfg: ModelConfig, name: str) -> str:
 
 
 def _expert_hint(cfg: ModelConfig, missing: list[str], unexpected: list[str]) -> str:
-    if cfg.llm.visual_attention_experts and any(".attention_ve." in k for k in missing):
+    attention_expert = (".attention_ve.", ".self_attn_ve.")
+    if cfg.llm.visual_attention_experts and any(e in k for k in missing for e in attention_expert):
         return (" — config.json enables visual_attention_experts (v1.5) but the weights have no attention_ve.*; "
                 "set llm_config.visual_attention_experts to false for a v1 checkpoint")
-    if any(".attention_ve." in k for k in unexpected):
+    if any(e in k for k in unexpected for e in attention_expert):
         return (" — the weights carry attention experts (attention_ve.*, Mono-InternVL-1.5) but config.json does "
                 "not enable them; set llm_config.visual_attention_experts to true")
     return ""

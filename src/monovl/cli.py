@@ -18,6 +18,7 @@ COMMANDS = {  # name → (module, one line for `monovl --help`)
     "serve": ("monovl.commands.serve", "an OpenAI-compatible HTTP server with continuous batching"),
     "loadtest": ("monovl.commands.loadtest", "N concurrent streaming clients against a local server"),
     "eval": ("monovl.commands.eval", "evaluate a checkpoint on VLMEvalKit-format benchmark TSVs"),
+    "monolithize": ("monovl.commands.monolithize", "make a plain LLM folder (InternLM2, Qwen, Llama) monolithic"),
     "train": ("monovl.commands.train", "train from a TOML recipe (single process or under torchrun)"),
     "plot": ("monovl.commands.plot", "draw the loss and learning-rate curves of a training run to a PNG"),
     "world": ("monovl.world", "generate the seeded synthetic world: stage data, corpus, benchmarks"),

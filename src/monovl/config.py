@@ -15,6 +15,7 @@ SUPPORTED_ARCHITECTURES = ("InternVLChatModel", "InternLM2ForCausalLM", "InternL
 FAMILIES = {"internlm2": ("InternLM2ForCausalLM", "internlm2"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
             "qwen3": ("Qwen3ForCausalLM", "qwen3"), "llama": ("LlamaForCausalLM", "llama")}
 _FAMILY_OF = {arch: family for family, (arch, _) in FAMILIES.items()}
+TOKENIZER_TEMPLATE = "tokenizer"  # `ModelConfig.template`: the tokenizer's own chat template (Qwen, Llama)
 
 
 @dataclass
@@ -61,7 +62,7 @@ class ModelConfig:
     vision: VisionConfig | None = field(default_factory=VisionConfig)  # None: a text-only LLM
     downsample_ratio: float = 0.5
     ps_version: str = "v2"
-    template: str = "internlm2-chat"
+    template: str = "internlm2-chat"  # or TOKENIZER_TEMPLATE
     dynamic_image_size: bool = True
     use_thumbnail: bool = True
     min_dynamic_patch: int = 1

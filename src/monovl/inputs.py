@@ -12,7 +12,9 @@ import torch
 
 from monovl.config import ModelConfig
 from monovl.images import ImageSource, load_pixel_values
-from monovl.template import Turn, build_query, query_segments
+from monovl.chat_template import encode_messages
+from monovl.config import TOKENIZER_TEMPLATE
+from monovl.template import Turn, build_query, query_messages, query_segments
 
 
 @dataclass
@@ -42,6 +44,10 @@ def build_inputs(model, tokenizer, text: str, images: Sequence[ImageSource] = ()
     `raw_special_tokens`: then they are control tokens, as in the prompt string `build_query` returns."""
     pixels = [image_tiles(model.cfg, image, max_tiles) for image in images]
     num_tiles = [len(p) for p in pixels]
+    if model.cfg.template == TOKENIZER_TEMPLATE:  # Qwen, Llama: the tokenizer's own chat template
+        ids = encode_messages(TOKENIZER_TEMPLATE, tokenizer, query_messages(text, num_tiles, history), system=system,
+                              num_image_token=model.cfg.num_image_token, raw_special_tokens=raw_special_tokens)
+        return ModelInputs(torch.tensor(ids), torch.cat(pixels) if pixels else None, num_tiles)
     args = (text, num_tiles, history, system, model.cfg.num_image_token)
     ids = tokenizer.encode(build_query(*args) if raw_special_tokens else query_segments(*args))
     return ModelInputs(torch.tensor(ids), torch.cat(pixels) if pixels else None, num_tiles)

@@ -148,6 +148,12 @@ def query_segments(question: str, num_tiles_per_image: Sequence[int] = (), histo
                    system: str | None = None, num_image_token: int = 256) -> list[Segment]:
     """`build_query` as (text, control) segments (see `render_segments`): only the template and the image
     blocks are control; already expanded blocks in history questions are text here."""
+    return render_segments(query_messages(question, num_tiles_per_image, history), system, num_image_token)
+
+
+def query_messages(question: str, num_tiles_per_image: Sequence[int] = (),
+                   history: Iterable[Turn | tuple] = ()) -> list[dict]:
+    """The messages of `history` and one new user turn (placeholders added), each user message with `num_tiles`."""
     messages = []
     for turn in history:
         turn = turn if isinstance(turn, Turn) else Turn(*turn)
@@ -155,7 +161,7 @@ def query_segments(question: str, num_tiles_per_image: Sequence[int] = (), histo
         messages.append({"role": "assistant", "content": turn.answer})
     question = add_image_placeholders(question, len(num_tiles_per_image))
     messages.append({"role": "user", "content": question, "num_tiles": num_tiles_per_image})
-    return render_segments(messages, system, num_image_token)
+    return messages
 
 
 def extract_answer(generated: str) -> str:

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
+from monovl.chat_template import encode_messages
 from monovl.images import ImageError
 from monovl.inputs import image_tiles
 from monovl.serve.protocol import APIError, ChatRequest, ServeConfig, TextPart
-from monovl.template import IMAGE_PLACEHOLDER, add_image_placeholders, render_segments
+from monovl.template import IMAGE_PLACEHOLDER, add_image_placeholders
 from monovl.tokenizer import Tokenizer
 
 
@@ -81,12 +82,11 @@ def build_prompt(body: ChatRequest, model, tokenizer: Tokenizer, cfg: ServeConfi
             messages.append({"role": m.role, "content": text})
     if messages[-1]["role"] != "user":
         raise APIError(400, "the last message must be the user's", param="messages")
-    try:
-        segments = render_segments(messages, num_image_token=num_image_token)
+    try:  # special tokens typed in messages stay text unless the server was started with raw special tokens
+        ids = encode_messages(mcfg.template, tokenizer, messages, num_image_token=num_image_token,
+                              raw_special_tokens=cfg.raw_special_tokens)
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from None
-    # Special tokens typed in messages stay text unless the server was started with raw special tokens.
-    ids = tokenizer.encode("".join(t for t, _ in segments) if cfg.raw_special_tokens else segments)
     n_tiles = sum(len(p) for p in pixels)
     if mcfg.image_token_id is not None and ids.count(mcfg.image_token_id) != num_image_token * n_tiles:
         raise APIError(400, "the messages contain image tokens that do not belong to an image", param="messages")

@@ -7,6 +7,9 @@ text-only prompt keeps bit-identical logits; S1.3 also trains the LLM's attentio
 already have trainable attention of their own, so the text weights stay frozen and text-only logits stay
 bit-identical through S1.3 too (our choice; the paper's exact S1.3 trainable set for v1.5 is not confirmed here).
 `full` (everything, from the start) is the ablation that breaks the invariant.
+
+Stages are written with InternLM2's names; for a Qwen/Llama model (`self_attn`, `mlp`) they are translated by
+`HF_NAMES` (its experts are `self_attn_ve`, `mlp_ve`).
 """
 from __future__ import annotations
 
@@ -30,7 +33,20 @@ STAGES: dict[str, list[str]] = {
     "full": ["*"],  # ablation: full tuning from S1.1 on
 }
 # Patterns that may match nothing: attention experts exist only in v1.5 (EViP++) models.
-OPTIONAL_PATTERNS = frozenset({"*.attention_ve.*"})
+OPTIONAL_PATTERNS = frozenset({"*.attention_ve.*", "*.self_attn_ve.*"})
+HF_NAMES = {".feed_forward_ve.": ".mlp_ve.", ".attention_ve.": ".self_attn_ve.", ".attention.": ".self_attn."}
+
+
+def _for_layout(patterns: list[str], names: list[str]) -> list[str]:
+    """A stage's InternLM2-named patterns, translated to Qwen/Llama names when the model uses those."""
+    if not any(".self_attn." in n for n in names):
+        return patterns
+    out = []
+    for pattern in patterns:
+        for internlm2, hf in HF_NAMES.items():
+            pattern = pattern.replace(internlm2, hf)
+        out.append(pattern)
+    return out
 
 
 def _patterns(stage_or_patterns: str | Sequence[str]) -> list[str]:
@@ -47,14 +63,16 @@ def _patterns(stage_or_patterns: str | Sequence[str]) -> list[str]:
 
 def freeze(model: nn.Module, stage_or_patterns: str | Sequence[str]) -> nn.Module:
     """Train exactly the parameters whose names match one of the stage's patterns; freeze the rest."""
-    patterns = _patterns(stage_or_patterns)
     names = [n for n, _ in model.named_parameters()]
+    patterns = _patterns(stage_or_patterns)
+    if isinstance(stage_or_patterns, str):
+        patterns = _for_layout(patterns, names)
     unmatched = [p for p in patterns
                  if p not in OPTIONAL_PATTERNS and not any(fnmatch.fnmatchcase(n, p) for n in names)]
     if unmatched:
         raise ValueError(f"freeze pattern(s) {unmatched} match no parameter of this model "
                          f"(names look like {names[:3]} …)")
-    if stage_or_patterns == "s1.3++" and not any(".attention_ve." in n for n in names):
+    if stage_or_patterns == "s1.3++" and not any(".attention_ve." in n or ".self_attn_ve." in n for n in names):
         raise ValueError("stage s1.3++ keeps the text attention frozen, which is for models with attention experts "
                          "(EViP++); this model has none: use stage s1.3")
     counts = {True: 0, False: 0}

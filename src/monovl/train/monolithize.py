@@ -1,10 +1,14 @@
-"""Turn a plain InternLM2 LLM into a Mono-InternVL model ready for stage S1.1.
+"""Turn a plain LLM (InternLM2, Qwen2/2.5, Qwen3, Llama) into a Mono-InternVL model ready for stage S1.1.
 
 What is added: the patch embedding (`vision_model.*`) and `mlp1`, initialised randomly (seeded); a visual
 FFN expert per layer initialised as an exact copy of the text FFN (and, for EViP++ / v1.5, visual attention
 experts copied from the text attention); the nine InternVL tokens in the tokenizer, with their embedding
 and output rows set to the mean of the existing rows. Because experts are copies and routing sends text
 tokens only through the text weights, a text-only prompt gives exactly the LLM's logits.
+
+The result keeps the LLM family: InternVL's layout (`InternVLChatModel` whose `llm_config.architectures` names
+the family, e.g. `Qwen2ForCausalLM`), the family's parameter names (experts: `mlp_ve.*`, `self_attn_ve.*` beside
+`mlp.*`, `self_attn.*`), and its tokenizer's own chat template when it has one (`template = "tokenizer"`).
 """
 from __future__ import annotations
 
@@ -16,13 +20,16 @@ import logging
 import tokenizers
 import torch
 
-from monovl.config import ModelConfig, VisionConfig
+from monovl.config import TOKENIZER_TEMPLATE, ModelConfig, VisionConfig
 from monovl.model import MonoInternVL
 from monovl.tokenizer import INTERNVL_TOKENS, Tokenizer
 
 log = logging.getLogger(__name__)
 _FLAGS = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
-_LLM_ONLY_FIELDS = ("auto_map", "architectures", "model_type", "torch_dtype")  # rewritten for InternLM2VE
+_LLM_ONLY_FIELDS = ("auto_map", "architectures", "model_type", "torch_dtype", "dtype")  # rewritten on save
+_EXPERTS = {".feed_forward_ve.": ".feed_forward.", ".attention_ve.": ".attention.",  # InternLM2
+            ".mlp_ve.": ".mlp.", ".self_attn_ve.": ".self_attn."}  # Qwen, Llama
+_VOCAB_ROWS = ("tok_embeddings.weight", "output.weight", "embed_tokens.weight", "lm_head.weight")
 
 
 def _json(files: dict[str, bytes], name: str) -> dict:
@@ -70,20 +77,31 @@ def _source_name(name: str, src_names: set[str]) -> str:
     """Where a parameter of the new model is copied from: itself, or the text weights for a new expert."""
     if name in src_names:
         return name
-    for expert, text in ((".feed_forward_ve.", ".feed_forward."), (".attention_ve.", ".attention.")):
+    for expert, text in _EXPERTS.items():
         if expert in name:
             return name.replace(expert, text)
     raise KeyError(name)
+
+
+def _template(src_cfg: ModelConfig, tokenizer: Tokenizer) -> str:
+    """InternLM2 keeps `internlm2-chat`; another family uses its tokenizer's own chat template."""
+    if src_cfg.llm.family == "internlm2":
+        return src_cfg.template
+    if tokenizer.chat_template is None:
+        log.warning("the %s tokenizer has no chat_template: prompts use InternVL's internlm2-chat layout",
+                    src_cfg.llm.family)
+        return src_cfg.template
+    return TOKENIZER_TEMPLATE
 
 
 @torch.no_grad()
 def monolithize(llm_model: MonoInternVL, llm_tokenizer: Tokenizer, *, vision: VisionConfig | None = None,
                 downsample_ratio: float = 0.5, max_dynamic_patch: int = 12, visual_attention_experts: bool = False,
                 out_tokenizer_dir=None, seed: int = 0, std: float = 0.02) -> tuple[MonoInternVL, Tokenizer]:
-    """A Mono-InternVL model and tokenizer from an InternLM2 LLM (as `monovl.load_model` returns it)."""
+    """A Mono-InternVL model and tokenizer from a plain LLM (as `monovl.load_model` returns it)."""
     src_cfg = llm_model.cfg
     if src_cfg.vision is not None:
-        raise ValueError("monolithize expects a text-only LLM (InternLM2ForCausalLM); this model already has a "
+        raise ValueError("monolithize expects a text-only LLM (a *ForCausalLM); this model already has a "
                          "vision part — continue training it from its checkpoint instead")
     vision = vision or VisionConfig()
     tokenizer, new_tokens = add_internvl_tokens(llm_tokenizer)
@@ -99,18 +117,20 @@ def monolithize(llm_model: MonoInternVL, llm_tokenizer: Tokenizer, *, vision: Vi
     hf_llm = {k: v for k, v in copy.deepcopy(src_cfg.hf).items() if k not in _LLM_ONLY_FIELDS}
     cfg = ModelConfig(llm=llm, vision=copy.deepcopy(vision), downsample_ratio=downsample_ratio,
                       max_dynamic_patch=max_dynamic_patch, image_token_id=tokenizer.img_context_id,
+                      template=_template(src_cfg, tokenizer),
                       hf={"llm_config": hf_llm},
                       generation=copy.deepcopy(src_cfg.generation))
     src = dict(llm_model.named_parameters())
     src_names = set(src)
-    ref = src["language_model.output.weight"]
+    ref = llm_model.language_model.head.weight
     with torch.device("meta"):
         model = MonoInternVL(cfg)
     model = model.to_empty(device=ref.device).to(ref.dtype)
+    model.language_model.tie_weights()
     _init_vision_(model, torch.Generator().manual_seed(seed), std)
     for name, p in model.language_model.named_parameters(prefix="language_model"):
         w = src[_source_name(name, src_names)]
-        if name.endswith(("tok_embeddings.weight", "output.weight")) and vocab > old_vocab:
+        if name.endswith(_VOCAB_ROWS) and vocab > old_vocab:
             p[:old_vocab].copy_(w)
             p[old_vocab:].copy_(w.float().mean(0, keepdim=True).to(w.dtype))  # new rows: mean of existing
         else:
