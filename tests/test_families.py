@@ -28,11 +28,12 @@ CASES = {  # name → (config class, model class, config fields, save_pretrained
 }
 
 
-def build_reference(case: str, path, seed: int = 0):
-    """A random `transformers` model of the case's family, saved to `path` → the model (eval, fp32)."""
+def build_reference(case: str, path, seed: int = 0, **overrides):
+    """A random `transformers` model of the case's family (config fields `overrides` changed), saved to `path`
+    → the model (eval, fp32)."""
     config_cls, model_cls, fields, save_kwargs = CASES[case]
     torch.manual_seed(seed)
-    config = getattr(transformers, config_cls)(**{**SMALL, **fields})
+    config = getattr(transformers, config_cls)(**{**SMALL, **fields, **overrides})
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():  # random (not zero) biases and norm weights, so that each is tested
         for name, p in model.named_parameters():
