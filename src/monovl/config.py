@@ -194,7 +194,8 @@ def from_hf_config(d: dict) -> ModelConfig:
                          f"{', '.join(SUPPORTED_ARCHITECTURES)}")
     if arch != "InternVLChatModel":
         llm = _llm_from_hf(d, family=_llm_family(arch), visual_ffn_experts=arch == "InternLM2VEForCausalLM")
-        return ModelConfig(llm=llm, vision=None, hf=copy.deepcopy(d))
+        template = "internlm2-chat" if llm.family == "internlm2" else TOKENIZER_TEMPLATE
+        return ModelConfig(llm=llm, vision=None, template=template, hf=copy.deepcopy(d))
     v, llm = d["vision_config"], d["llm_config"]
     llm_arch = (llm.get("architectures") or ["InternLM2VEForCausalLM"])[0]
     if llm_arch not in SUPPORTED_ARCHITECTURES[2:]:

@@ -25,7 +25,9 @@ def new_model(cfg, seed: int = 0, device="cpu") -> MonoInternVL:
     """A randomly initialised model of config `cfg`, built without a throw-away default initialisation."""
     with torch.device("meta"):
         model = MonoInternVL(cfg)
-    return random_init_(model.to_empty(device=device), seed).eval()
+    model = model.to_empty(device=device)
+    model.language_model.tie_weights()  # `to_empty` gives a tied head its own tensor
+    return random_init_(model, seed).eval()
 
 
 def random_model(cfg, seed: int = 0, device="cpu") -> MonoInternVL:

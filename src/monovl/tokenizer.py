@@ -192,7 +192,8 @@ class Tokenizer:
 
     def _wrap(self, ids: list[int], add_bos: bool | None) -> list[int]:
         add_bos = add_bos if add_bos is not None else self._add_bos is not False
-        return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if self._add_eos else [])
+        bos = [self.bos_id] if add_bos and self.bos_id is not None else []  # Qwen has no BOS token
+        return bos + ids + ([self.eos_id] if self._add_eos else [])
 
     def _encode_segments(self, segments: Sequence[tuple[str, bool]], add_bos: bool | None) -> list[int]:
         text, control, at = "", [], 0

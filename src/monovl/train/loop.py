@@ -329,6 +329,7 @@ def _export(model, tokenizer, path: Path, device: torch.device, m) -> Path | Non
         if m.lora_targets:
             apply_lora(plain, m.lora_targets, m.lora_rank, m.lora_alpha)
     plain.load_state_dict(sd, assign=True)
+    plain.language_model.tie_weights()  # `assign` gives a tied head its own tensor
     merge_lora(plain)
     save_model(plain, path, dtype=torch.bfloat16 if device.type == "cuda" else None, tokenizer=tokenizer)
     log.info("exported the trained model to %s", path)

@@ -90,7 +90,7 @@ def _template(src_cfg: ModelConfig, tokenizer: Tokenizer) -> str:
     if tokenizer.chat_template is None:
         log.warning("the %s tokenizer has no chat_template: prompts use InternVL's internlm2-chat layout",
                     src_cfg.llm.family)
-        return src_cfg.template
+        return "internlm2-chat"
     return TOKENIZER_TEMPLATE
 
 

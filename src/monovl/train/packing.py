@@ -1,8 +1,8 @@
 """Training samples: rendering with the inference template, and greedy first-fit packing into rows.
 
 `Renderer` turns a parsed item into token ids and labels with the inference template, tokenizer and
-tiling: loss falls on each assistant answer and its closing `<|im_end|>`, and on every token of pure text
-after BOS; over-long samples are truncated at `seq_len` (dropped when the cut splits an image) or dropped.
+tiling: loss falls on each assistant answer and its closing `<|im_end|>` (with a tokenizer's own chat template,
+Qwen/Llama: on what the template adds for the answer), and on every token of pure text after BOS; over-long samples are truncated at `seq_len` (dropped when the cut splits an image) or dropped.
 
 A batch row holds whole samples one after another; `input_pos` restarts at 0 at every sample, which the
 model (without a KV cache) turns into a block-diagonal causal mask, so packed samples stay independent.
@@ -15,6 +15,8 @@ from itertools import islice
 
 import torch
 
+from monovl import chat_template
+from monovl.config import TOKENIZER_TEMPLATE
 from monovl.images import ImageError
 from monovl.inputs import image_tiles
 from monovl.template import IM_END, IM_START, IMAGE_PLACEHOLDER, add_image_placeholders, expand_images, render
@@ -85,7 +87,10 @@ class Renderer:
                 k = m["content"].count(IMAGE_PLACEHOLDER)
                 messages[i] = {"role": "user", "content": expand_images(m["content"], list(islice(tiles, k)),
                                                                         self.model_cfg.num_image_token)}
-        ids, labels = self._encode(render(messages, system=system))
+        if self.model_cfg.template == TOKENIZER_TEMPLATE:
+            ids, labels = self._encode_chat(messages, system)
+        else:
+            ids, labels = self._encode(render(messages, system=system))
         return self._fit(Sample(ids, labels, torch.cat(pixels) if pixels else None))
 
     def _load(self, image) -> torch.Tensor:
@@ -113,6 +118,26 @@ class Renderer:
             start = end
         tail = self.tok.encode(text[start:], add_bos=not ids) if start < len(text) else []
         return ids + tail, labels + [IGNORE] * len(tail)
+
+    def _encode_chat(self, messages: list[dict], system: str | None) -> tuple[list[int], list[int]]:
+        """The tokenizer's own chat template (Qwen, Llama): each assistant turn is what rendering up to it adds to
+        the rendering of the turns before it with the generation prompt; its tokens carry the loss."""
+        if system is not None:
+            messages = [{"role": "system", "content": system}, *messages]
+        source, tokens = self.tok.chat_template, self.tok.special_tokens
+        ids, labels, done = [], [], ""
+        for k, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = chat_template.render(source, messages[:k], add_generation_prompt=True, tokens=tokens)
+            full = chat_template.render(source, messages[: k + 1], add_generation_prompt=False, tokens=tokens)
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                raise BadSample("template", "the chat template renders earlier turns differently once an answer "
+                                            "follows; cannot mark the answer tokens")
+            head = self.tok.encode(prompt[len(done):], add_bos=False)
+            body = self.tok.encode(full[len(prompt):], add_bos=False)
+            ids, labels, done = ids + head + body, labels + [IGNORE] * len(head) + body, full
+        return ids, labels
 
     def _fit(self, s: Sample) -> Sample:
         """Apply the overlong policy: "drop", or "truncate" at seq_len (dropped when the cut splits an image)."""
