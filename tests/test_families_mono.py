@@ -14,15 +14,16 @@ from test_families import build_reference
 
 pytest.importorskip("transformers")
 
-FAMILIES = {"qwen2-tied": ("qwen", "Qwen2ForCausalLM"), "qwen3-head-dim": ("qwen", "Qwen3ForCausalLM"),
-            "llama3-rope-scaling": ("llama3", "LlamaForCausalLM")}
+FAMILIES = {  # case of test_families → (tokenizer kind, architecture, monovl family)
+    "qwen2-tied": ("qwen", "Qwen2ForCausalLM", "qwen2"), "qwen3-head-dim": ("qwen", "Qwen3ForCausalLM", "qwen3"),
+    "llama3-rope-scaling": ("llama3", "LlamaForCausalLM", "llama")}
 VOCAB = 264  # the LLM's rows; its tokenizer has 260 tokens (a byte-level BPE needs 256 + specials)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory):
     """(case, LLM folder, monolithic folder written by `monovl monolithize`)."""
-    case, (kind, _) = request.param, FAMILIES[request.param]
+    case, kind = request.param, FAMILIES[request.param][0]
     root = tmp_path_factory.mktemp(case)
     build_reference(case, root / "llm", vocab_size=VOCAB)
     write_family_tokenizer(root / "llm", kind, vocab_size=260)  # InternVL tokens: some inside the rows, some new
@@ -114,3 +115,30 @@ def _image():
     from PIL import Image
 
     return Image.new("RGB", (60, 40), (200, 30, 30))
+
+
+def test_info_eval_and_serve_take_the_result(family, tmp_path, capsys):
+    import base64
+    import io
+
+    from monovl.serve.prompts import build_prompt
+    from monovl.serve.protocol import ChatRequest, ServeConfig
+
+    case, _, mono = family
+    assert main(["info", "--model", str(mono)]) == 0
+    assert f"LLM family {FAMILIES[case][2]})" in capsys.readouterr().out
+    buffer = io.BytesIO()
+    _image().save(buffer, format="PNG")
+    png = base64.b64encode(buffer.getvalue()).decode()
+    tsv = tmp_path / "yn.tsv"
+    tsv.write_text("index\timage\tquestion\tanswer\n0\t" + png + "\tIs it red?\tYes\n1\t0\tIs it blue?\tNo\n")
+    assert main(["eval", "--model", str(mono), "--bench", str(tsv), "--out", str(tmp_path / "out"),
+                 "--kind", "yesno", "--max-new-tokens", "3"]) == 0
+    assert (tmp_path / "out").is_dir() and any((tmp_path / "out").rglob("*.json*"))
+    model, tokenizer = monovl.load(mono, dtype=torch.float32)
+    content = [{"type": "text", "text": "What is it?"},
+               {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]
+    body = ChatRequest(model="m", messages=[{"role": "user", "content": content}])
+    ids, pixels = build_prompt(body, model, tokenizer, ServeConfig(model_name="m"))
+    want = build_inputs(model, tokenizer, "What is it?", [_image()])
+    assert ids.tolist() == want.input_ids.tolist() and torch.equal(pixels, want.pixel_values)

@@ -21,7 +21,7 @@ def cmd_info(args) -> int:
                    if "_ve." in n or n.startswith(("vision_model.", "mlp1.")))
     kind = ("Mono-InternVL-1.5: attention + FFN visual experts" if c.visual_attention_experts
             else "FFN visual experts" if c.visual_ffn_experts else "text LLM")
-    print(f"architecture      {cfg.architecture} ({kind})")
+    print(f"architecture      {cfg.architecture} ({kind}; LLM family {c.family})")
     print(f"decoder           {c.num_layers} layers, hidden {c.hidden_size}, {c.num_heads} heads / {c.num_kv_heads} "
           f"kv heads (head_dim {c.head_dim}), FFN {c.intermediate_size}, vocab {c.vocab_size}")
     print(f"rope              theta {c.rope_theta:g}, scaling {c.rope_scaling}, "
@@ -34,7 +34,8 @@ def cmd_info(args) -> int:
     print(f"parameters        {_count(total)} total, {_count(total - inactive)} active per text token")
     tok = Tokenizer.from_dir(args.model)
     print(f"tokenizer         {tok.vocab_size} tokens; bos {tok.bos_id}, eos {tok.eos_id}, pad {tok.pad_id}; "
-          f"<img> {tok.img_start_id}, </img> {tok.img_end_id}, <IMG_CONTEXT> {tok.img_context_id}; "
+          f"<img> {tok.token_to_id('<img>')}, </img> {tok.token_to_id('</img>')}, "
+          f"<IMG_CONTEXT> {tok.token_to_id('<IMG_CONTEXT>')}; "
           f"stop ids {tok.stop_token_ids}")
     print(f"template          {cfg.template}")
     return 0
