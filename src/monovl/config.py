@@ -178,7 +178,7 @@ def _llm_from_hf(d: dict, *, family: str, visual_ffn_experts: bool) -> LLMConfig
         **_family_fields(d, family), visual_ffn_experts=visual_ffn_experts,
         visual_attention_experts=bool(d.get("visual_attention_experts", False)),
         bos_token_id=_token_id(d.get("bos_token_id"), 1), eos_token_id=_token_id(d.get("eos_token_id"), 2),
-        pad_token_id=_token_id(d.get("pad_token_id"), _token_id(d.get("eos_token_id"), 2)),
+        pad_token_id=_token_id(d.get("pad_token_id"), 2),
     )
 
 

@@ -258,8 +258,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
         self.cfg, self.names = cfg, layout(cfg)
-        n, attention, ffn = self.names, PackedQKV if cfg.family == "internlm2" else SeparateQKV, \
-            FeedForward if cfg.family == "internlm2" else MLP
+        n = self.names
+        attention, ffn = (PackedQKV, FeedForward) if cfg.family == "internlm2" else (SeparateQKV, MLP)
         self.add_module(n.attention, attention(cfg))
         self.add_module(n.attention + "_ve", attention(cfg) if cfg.visual_attention_experts else None)
         self.add_module(n.attention_norm, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))

@@ -2,7 +2,8 @@
 
 `Renderer` turns a parsed item into token ids and labels with the inference template, tokenizer and
 tiling: loss falls on each assistant answer and its closing `<|im_end|>` (with a tokenizer's own chat template,
-Qwen/Llama: on what the template adds for the answer), and on every token of pure text after BOS; over-long samples are truncated at `seq_len` (dropped when the cut splits an image) or dropped.
+Qwen/Llama: on what the template adds for the answer), and on every token of pure text after BOS; over-long
+samples are truncated at `seq_len` (dropped when the cut splits an image) or dropped.
 
 A batch row holds whole samples one after another; `input_pos` restarts at 0 at every sample, which the
 model (without a KV cache) turns into a block-diagonal causal mask, so packed samples stay independent.
