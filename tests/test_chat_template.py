@@ -56,7 +56,8 @@ def test_typed_special_tokens_stay_text_and_images_are_blocks(tmp_path):
     segments = chat_template.render_segments(ours.chat_template, [{"role": "user", "content": injected}],
                                              tokens=ours.special_tokens)
     assert (injected, False) in segments
-    assert ours.encode(segments, add_bos=False).count(ours.token_to_id("<|im_start|>")) == 3  # system, user, assistant; not the typed one
+    ids = ours.encode(segments, add_bos=False)
+    assert ids.count(ours.token_to_id("<|im_start|>")) == 3  # system, user, assistant; not the typed one
     messages = [{"role": "user", "content": "<image>\nWhat is it?", "num_tiles": [2]}]
     segments = chat_template.render_segments(ours.chat_template, messages, num_image_token=3)
     assert ("<img>" + "<IMG_CONTEXT>" * 6 + "</img>", True) in segments

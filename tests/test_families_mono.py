@@ -103,7 +103,8 @@ def test_attention_experts_use_the_familys_projections(family, tmp_path):
     inputs = build_inputs(with_ve, tokenizer, "Describe.", [_image()])
     ids = inputs.input_ids[None]
     with torch.no_grad():  # experts start as copies of the text weights: the same numbers as without them
-        torch.testing.assert_close(with_ve(ids, inputs.pixel_values), plain(ids, inputs.pixel_values), rtol=0, atol=1e-5)
+        want = plain(ids, inputs.pixel_values)
+        torch.testing.assert_close(with_ve(ids, inputs.pixel_values), want, rtol=0, atol=1e-5)
         sparse, dense = with_ve(ids, inputs.pixel_values), with_ve(ids, inputs.pixel_values, dense=True)
     torch.testing.assert_close(sparse, dense, rtol=0, atol=1e-5)
     freeze(with_ve, "s1.3++")

@@ -1,4 +1,4 @@
-"""A Qwen2 LLM through every EViP stage with the shipped tiny recipes: S1.1 → S1.2 → S1.3 → S2 → `monovl chat`."""
+"""A Qwen2 LLM through every EViP stage with the shipped tiny recipes: S1.1 → S1.2 → S1.3 → S2, then chat."""
 import json
 from pathlib import Path
 
