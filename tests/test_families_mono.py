@@ -51,11 +51,16 @@ def test_release_layout_names_the_llm_family(family):
 
 def test_text_only_logits_equal_the_llm_bit_for_bit(family):
     _, llm_dir, mono = family
-    llm = load_model(llm_dir, dtype=torch.float32)
-    model = load_model(mono, dtype=torch.float32)
+    llm, llm_tokenizer = monovl.load(llm_dir, dtype=torch.float32)
+    model, tokenizer = monovl.load(mono, dtype=torch.float32)
     with torch.no_grad():
         want, got = llm(_text_ids()), model(_text_ids())
-    assert torch.equal(got[..., :VOCAB], want)
+    n = llm_tokenizer.vocab_size  # the LLM's tokens; its spare rows past them may now hold InternVL tokens
+    assert n < VOCAB and torch.equal(got[..., :n], want[..., :n])
+    rows = model.language_model.embed_tokens.weight
+    mean = llm.language_model.embed_tokens.weight[:n].mean(0)
+    for token in ("<img>", "<IMG_CONTEXT>", "</box>"):  # new tokens: mean-initialised, inside the rows or past
+        assert torch.allclose(rows[tokenizer.token_to_id(token)], mean, rtol=0, atol=1e-7)
 
 
 def test_delta_tuned_stage_keeps_text_logits_and_trains_only_visual_parts(family):

@@ -3,7 +3,7 @@
 What is added: the patch embedding (`vision_model.*`) and `mlp1`, initialised randomly (seeded); a visual
 FFN expert per layer initialised as an exact copy of the text FFN (and, for EViP++ / v1.5, visual attention
 experts copied from the text attention); the nine InternVL tokens in the tokenizer, with their embedding
-and output rows set to the mean of the existing rows. Because experts are copies and routing sends text
+and output rows set to the mean of the existing tokens' rows. Because experts are copies and routing sends text
 tokens only through the text weights, a text-only prompt gives exactly the LLM's logits.
 
 The result keeps the LLM family: InternVL's layout (`InternVLChatModel` whose `llm_config.architectures` names
@@ -83,6 +83,17 @@ def _source_name(name: str, src_names: set[str]) -> str:
     raise KeyError(name)
 
 
+def _copy_vocab_rows_(p: torch.Tensor, w: torch.Tensor, new_ids: list[int], n_tokens: int) -> None:
+    """Embedding or head rows: the LLM's rows, then the new tokens' rows (past the LLM's rows or on spare rows
+    inside them) set to the mean of the rows of the tokenizer's `n_tokens` existing tokens."""
+    p[: len(w)].copy_(w)
+    if len(p) > len(w) or new_ids:
+        mean = w[:n_tokens].float().mean(0, keepdim=True).to(w.dtype)  # (1, D)
+        p[len(w):] = mean
+        if new_ids:
+            p[torch.tensor(new_ids, device=p.device)] = mean
+
+
 def _template(src_cfg: ModelConfig, tokenizer: Tokenizer) -> str:
     """InternLM2 keeps `internlm2-chat`; another family uses its tokenizer's own chat template."""
     if src_cfg.llm.family == "internlm2":
@@ -108,10 +119,11 @@ def monolithize(llm_model: MonoInternVL, llm_tokenizer: Tokenizer, *, vision: Vi
     ids = [tokenizer.token_to_id(t) for t in INTERNVL_TOKENS]
     old_vocab = src_cfg.llm.vocab_size
     vocab = max(old_vocab, max(ids) + 1)
+    new_ids = [tokenizer.token_to_id(t) for t in new_tokens]
     inside = [t for t in new_tokens if tokenizer.token_to_id(t) < old_vocab]
-    if inside:
-        log.warning("tokens %s got ids inside the LLM's vocabulary (%d rows): their existing rows are kept",
-                    inside, old_vocab)
+    if inside:  # e.g. Qwen: its embedding has spare rows past the tokenizer's tokens
+        log.info("tokens %s got ids inside the LLM's %d rows (spare rows): those rows are re-initialised",
+                 inside, old_vocab)
     llm = dataclasses.replace(src_cfg.llm, vocab_size=vocab, visual_ffn_experts=True,
                               visual_attention_experts=visual_attention_experts)
     hf_llm = {k: v for k, v in copy.deepcopy(src_cfg.hf).items() if k not in _LLM_ONLY_FIELDS}
@@ -130,9 +142,8 @@ def monolithize(llm_model: MonoInternVL, llm_tokenizer: Tokenizer, *, vision: Vi
     _init_vision_(model, torch.Generator().manual_seed(seed), std)
     for name, p in model.language_model.named_parameters(prefix="language_model"):
         w = src[_source_name(name, src_names)]
-        if name.endswith(_VOCAB_ROWS) and vocab > old_vocab:
-            p[:old_vocab].copy_(w)
-            p[old_vocab:].copy_(w.float().mean(0, keepdim=True).to(w.dtype))  # new rows: mean of existing
+        if name.endswith(_VOCAB_ROWS):
+            _copy_vocab_rows_(p, w, new_ids, n_tokens=min(old_vocab, llm_tokenizer.vocab_size))
         else:
             p.copy_(w)
     if out_tokenizer_dir is not None:
