@@ -148,3 +148,22 @@ def test_info_eval_and_serve_take_the_result(family, tmp_path, capsys):
     ids, pixels = build_prompt(body, model, tokenizer, ServeConfig(model_name="m"))
     want = build_inputs(model, tokenizer, "What is it?", [_image()])
     assert ids.tolist() == want.input_ids.tolist() and torch.equal(pixels, want.pixel_values)
+
+
+def test_served_over_http(family):
+    import openai
+
+    from test_serve import Server, _data_url, _png
+
+    _, _, mono = family
+    model, tokenizer = monovl.load(mono, dtype=torch.float32)
+    server = Server(model, tokenizer, dict(max_batch=2, max_len=512), max_tiles=2)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        parts = [{"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": _data_url(_png())}}]
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": parts}], max_tokens=3,
+                                           temperature=0)
+    finally:
+        server.stop()
+    want = build_inputs(model, tokenizer, "What is it?", [_png()], max_tiles=2)
+    assert r.usage.prompt_tokens == len(want.input_ids) and r.usage.completion_tokens <= 3
