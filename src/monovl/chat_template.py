@@ -28,7 +28,6 @@ from monovl.template import Segment, content_segments
 from monovl.template import render_segments as internlm2_segments
 
 log = logging.getLogger(__name__)
-SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 class ChatTemplateError(ValueError):
@@ -52,17 +51,6 @@ def _compile(source: str) -> jinja2.Template:
         return env.from_string(source)
     except jinja2.TemplateError as e:
         raise ChatTemplateError(f"the tokenizer's chat_template cannot be parsed: {e}") from None
-
-
-def special_tokens(tokenizer_config: dict) -> dict[str, str]:
-    """`bos_token`, `eos_token`, … as strings (a config may store them as {"content": …} dicts)."""
-    out = {}
-    for key in SPECIAL_KEYS:
-        value = tokenizer_config.get(key)
-        value = value.get("content") if isinstance(value, dict) else value
-        if value is not None:
-            out[key] = value
-    return out
 
 
 def render(source: str, messages: Sequence[dict], *, add_generation_prompt: bool = True,
