@@ -96,7 +96,7 @@ def test_cli_errors_are_clear(ckpt, tmp_path, capsys):
 
 
 def test_default_model_is_the_shipped_tiny_model(capsys, monkeypatch, tmp_path):
-    from monovl.demo import SHIPPED_MODEL
+    from monovl.checkpoint import SHIPPED_MODEL
 
     image = str(Path(__file__).resolve().parents[1] / "examples" / "shapes.png")
     assert main(["chat", "--image", image, "--prompt", "How many shapes are there in the picture?",

@@ -7,13 +7,17 @@ import torch
 
 import monovl
 from monovl.config import preset
-from monovl.demo import SHIPPED_MODEL, STAGES, demo, reproduce, stage_config, text_logits, visual_chance
+from monovl.checkpoint import SHIPPED_MODEL
+from monovl.demo import demo
+from monovl.reproduce import (READING, SHIPPED_LLM, STAGES, prepare, reproduce, stage_config, text_logits,
+                              visual_chance)
 
 
 @pytest.fixture(scope="module")
 def reproduced(tmp_path_factory):
     root = tmp_path_factory.mktemp("repro")
-    return root, reproduce(root, scale="small", steps_scale=0.01, eval_limit=4, progress=False)
+    # from scratch: every recipe trains (the default path copies the shipped stage-0 LLM instead: tested below)
+    return root, reproduce(root, scale="small", steps_scale=0.01, eval_limit=4, progress=False, from_scratch=True)
 
 
 def test_tiny_presets_share_one_llm():
@@ -26,6 +30,9 @@ def test_tiny_presets_share_one_llm():
 
 def test_stage_configs_chain_delta_and_full(tmp_path):
     s0, s11 = stage_config("s0_llm", tmp_path, "delta"), stage_config("s1_1", tmp_path, "full")
+    read = stage_config(READING, tmp_path, "delta")
+    assert read.model.path == str(tmp_path / "runs/init") and s0.model.path == str(tmp_path / f"runs/{READING}/final")
+    assert [s["kind"] for s in read.data.sources] == ["text"] and read.data.seq_len <= s0.data.seq_len
     assert s0.model.preset == "tiny-llm" and s0.data.sources[0]["kind"] == "text"
     assert s11.model.path == str(tmp_path / "runs/s0/final") and s11.model.stage == "full"
     delta = stage_config("s1_3", tmp_path, "delta", steps_scale=0.5)
@@ -87,3 +94,20 @@ def test_shipped_model_is_small_and_in_release_format():
     assert model.cfg.max_dynamic_patch == preset("tiny").max_dynamic_patch == 4  # the tile budget it trained with
     assert model.cfg.image_token_id == tokenizer.img_context_id
     assert json.loads((SHIPPED_MODEL / "config.json").read_text())["architectures"] == ["InternVLChatModel"]
+
+
+def test_shipped_llm_is_the_plain_stage_0_model_with_the_shipped_tokenizer():
+    files = list(SHIPPED_LLM.iterdir()) + list(SHIPPED_MODEL.iterdir())
+    assert sum(p.stat().st_size for p in files) <= 40 * 2**20
+    llm, tokenizer = monovl.load(SHIPPED_LLM)
+    assert llm.cfg.vision is None and not llm.cfg.llm.visual_ffn_experts
+    assert (SHIPPED_LLM / "tokenizer.json").read_bytes() == (SHIPPED_MODEL / "tokenizer.json").read_bytes()
+    assert {k: v for k, v in vars(llm.cfg.llm).items() if "visual" not in k and k != "vocab_size"} == \
+        {k: v for k, v in vars(monovl.load(SHIPPED_MODEL)[0].cfg.llm).items() if "visual" not in k and k != "vocab_size"}
+
+
+def test_reproduce_starts_from_the_shipped_llm(tmp_path):
+    world = prepare(tmp_path, "small")
+    assert (world / "bench/described/open.tsv").is_file() and not (tmp_path / "runs/init").exists()
+    copied = tmp_path / "runs/s0/final"
+    assert (copied / "model.safetensors").read_bytes() == (SHIPPED_LLM / "model.safetensors").read_bytes()

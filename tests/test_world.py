@@ -203,7 +203,7 @@ def test_cli_and_bad_scale(tmp_path, capsys):
 def test_reading_drills_answer_every_question_as_the_description_says():
     rng = random.Random(3)
     for _ in range(40):
-        scene = sample_scene(rng, max_shapes=6)
+        scene = sample_scene(rng)
         caption, text = D.describe(scene), D.reading_drill(scene, random.Random(1))
         assert text.startswith(caption + " ")
         asked = text[len(caption):]

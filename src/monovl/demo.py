@@ -1,291 +1,48 @@
-"""`monovl demo`: the shipped tiny model on the bundled benchmarks, and `--reproduce`, which trains it from
-scratch (world → tokenizer → stage 0 → S1.1 → S1.2 → S1.3 → S2) next to a full-tuning ablation on the same
-data and steps, and writes the paper-style report (Markdown + PNG charts).
-
-Every stage runs through `monovl.train.loop.train` with the recipes in `recipes/tiny/evip/`; only their paths
-(under the output folder), the step counts (`steps_scale`) and, for the ablation, the freeze stage change.
-"""
+"""`monovl demo`: the shipped tiny model on held-out benchmarks of a world seed it never trained on: the
+per-category table, streamed answers to a few pictures, a report with a chart. `--reproduce` trains it
+(`monovl.reproduce`)."""
 from __future__ import annotations
 
-import json
 import logging
-import shutil
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from monovl.checkpoint import SHIPPED_MODEL
-from monovl.eval.run import evaluate
+from monovl.reproduce import CHANCE, TOKENIZER_VOCAB, VISUAL_BENCHES, evaluate_model, pct, visual_chance
 
 log = logging.getLogger(__name__)
 
-SHIPPED_LLM = SHIPPED_MODEL.parent / "tiny-llm"  # stage 0: the pre-trained plain LLM the shipped model starts from
-RECIPES = Path(__file__).resolve().parent / "recipes" / "tiny" / "evip"  # package data: works from a wheel
-STAGES = ("s0_llm", "s1_1", "s1_2", "s1_3", "s2")  # recipe stems, in training order
-VISUAL_BENCHES = ("mc", "yesno", "open")
-CHANCE = {"mc": 0.25, "yesno": 0.5, "open": 0.0}  # 4 options; yes/no; free answers (no guessing floor)
-TOKENIZER_VOCAB = {"small": 512, "default": 1024}
 
-
-@dataclass
-class StageResult:
-    chain: str  # "delta" (EViP freezing) or "full" (everything trains at every stage)
-    stage: str
-    scores: dict = field(default_factory=dict)  # bench name → overall score in [0, 1]
-    categories: dict = field(default_factory=dict)  # bench name → {category: score}
-    text_logits_identical: bool | None = None  # text-only logits equal to stage 0's, bit for bit
-    text_logits_max_diff: float | None = None
-    train_seconds: float = 0.0
-    reading: dict = field(default_factory=dict)  # stage 0 only: {bench: score} on the described benchmarks
-
-    @property
-    def visual(self) -> float | None:
-        got = [self.scores[b] for b in VISUAL_BENCHES if self.scores.get(b) is not None]
-        return sum(got) / len(got) if got else None
-
-
-def visual_chance() -> float:
-    return sum(CHANCE.values()) / len(CHANCE)
-
-
-def evaluate_model(model, tokenizer, bench_dir: Path, out_dir: Path | None = None, *, limit: int | None = None,
-                   text_only: bool = False, progress: bool = False) -> tuple[dict, dict]:
-    """({bench: overall score}, {bench: {category: score}}) on bench_dir/{mc,yesno,open,text}.tsv; a text-only
-    model (or `text_only`) gets the text benchmark only."""
-    benches = ("text",) if text_only or model.cfg.vision is None else VISUAL_BENCHES + ("text",)
-    scores, cats = {}, {}
-    for name in benches:
-        r = evaluate(model, tokenizer, bench_dir / f"{name}.tsv", out_dir=out_dir, limit=limit, progress=progress,
-                     batch_size=16, max_tiles=4, max_new_tokens=16)
-        scores[name] = r["overall"]["score"]
-        cats[name] = {c: v["score"] for c, v in r["categories"].items()}
-    scores["text_lm"] = text_completion_accuracy(model, tokenizer, bench_dir / "text.tsv", limit=limit)
-    return scores, cats
-
-
-def reading_scores(model, tokenizer, bench_dir: Path, *, limit: int | None = None) -> dict:
-    """{bench: score} of a text LLM on bench_dir/described/{mc,yesno,open}.tsv: the visual questions with each image
-    given as its caption — how well the LLM answers them from context when perception is perfect."""
-    return {name: evaluate(model, tokenizer, bench_dir / "described" / f"{name}.tsv", limit=limit, progress=False,
-                           batch_size=16, max_new_tokens=16)["overall"]["score"] for name in VISUAL_BENCHES}
-
-
-def text_completion_accuracy(model, tokenizer, bench_path: Path, *, limit: int | None = None,
-                             batch_size: int = 32) -> float:
-    """Accuracy on the text benchmark asked in the base LLM's own format ("Question: … Answer:", no chat
-    template): the language ability that stage 0 has and delta tuning must keep. Greedy; the answer ends at '.'."""
-    from monovl.eval.benchmarks import load_benchmark
-    from monovl.eval.scoring import normalize_vqa
-    from monovl.generation import generate
-
-    items = load_benchmark(bench_path).items[:limit]
-    hits, stops = 0, set(tokenizer.stop_token_ids)
-    model.eval()
-    for start in range(0, len(items), batch_size):
-        batch = items[start:start + batch_size]
-        ids = [torch.tensor(tokenizer.encode(f"Question: {it.question} Answer:")) for it in batch]
-        with torch.no_grad():
-            out = generate(model, ids, max_new_tokens=12, stop_token_ids=tokenizer.stop_token_ids)
-        for it, row in zip(batch, out):
-            text = tokenizer.decode([t for t in row.tolist() if t not in stops]).split(".")[0]
-            hits += normalize_vqa(text) == normalize_vqa(it.answer)
-    return hits / len(items) if items else 0.0
-
-
-def text_logits(model, tokenizer, prompts: list[str]) -> list[torch.Tensor]:
-    """Last-layer logits of each text-only chat prompt (the delta-tuning invariant)."""
-    from monovl.template import build_query
-
-    model.eval()
-    with torch.no_grad():
-        return [model(torch.tensor(tokenizer.encode(build_query(p, [])))[None])[0] for p in prompts]
-
-
-def stage_config(stem: str, root: Path, chain: str, steps_scale: float = 1.0, progress: bool = True):
-    """The recipe `stem` with its data under root/world and its runs under root/runs/CHAIN (stage 0 is shared,
-    under root/runs/s0); `chain == "full"` trains everything at every stage."""
-    from monovl.train.recipe import load_recipe
-
-    cfg = load_recipe(RECIPES / f"{stem}.toml")
-    for src in cfg.data.sources:
-        src["path"] = str(root / "world" / Path(src["path"]).relative_to("data/world"))
-    runs = root / "runs"
-    index = STAGES.index(stem)
-    if index == 0:
-        cfg.model.path, cfg.run.out_dir = str(runs / "init"), str(runs / "s0")
-    else:
-        prev = runs / "s0" if index == 1 else runs / chain / STAGES[index - 1]
-        cfg.model.path, cfg.run.out_dir = str(prev / "final"), str(runs / chain / stem)
-        if chain == "full":
-            cfg.model.stage = "full"
-    cfg.schedule.steps = max(1, round(cfg.schedule.steps * steps_scale))
-    cfg.schedule.warmup_steps = min(cfg.schedule.warmup_steps, max(1, cfg.schedule.steps // 10))
-    cfg.checkpoint.every, cfg.run.tensorboard, cfg.run.progress = 0, False, progress
-    return cfg
-
-
-def prepare(root: Path, scale: str, seed: int = 0, *, from_scratch: bool = False) -> Path:
-    """The world, and the LLM that S1.1 starts from: the shipped pre-trained tiny LLM copied to root/runs/s0/final
-    (as Mono-InternVL starts from InternLM2), or with `from_scratch` a tokenizer trained on the world's texts and a
-    random `tiny-llm` checkpoint in root/runs/init for stage 0 to train."""
-    from monovl.checkpoint import save_model
-    from monovl.config import preset
-    from monovl.scratch import new_model
-    from monovl.tokenizer import build_bpe_tokenizer
-    from monovl.world import generate_world, world_texts
-
-    world = root / "world"
-    generate_world(world, seed=seed, scale=scale)
-    if not from_scratch:
-        shutil.copytree(SHIPPED_LLM, root / "runs" / "s0" / "final", dirs_exist_ok=True)
-        return world
-    init = root / "runs" / "init"
-    tokenizer = build_bpe_tokenizer(world_texts(world), vocab_size=TOKENIZER_VOCAB[scale], out_dir=init)
-    cfg = preset("tiny-llm", vocab_size=tokenizer.vocab_size)
-    save_model(new_model(cfg, seed=seed), init, tokenizer=tokenizer)
-    return world
-
-
-def reproduce(out_dir, scale: str = "default", steps_scale: float = 1.0, *, eval_limit: int | None = 100,
-              progress: bool = True, from_scratch: bool = False) -> dict:
-    """Train S1.1 → S2 from the shipped stage-0 LLM (`from_scratch`: stage 0 too) with delta tuning and with full
-    tuning; evaluate after every stage (the first `eval_limit` questions of each benchmark; None: all); write
-    the report.
-    Returns {"results": [StageResult...], "final": path of the delta chain's S2 model, "seconds": ...}."""
-    from monovl import load
-    from monovl.eval.benchmarks import load_benchmark
-    from monovl.train.loop import train
-
-    root, t0 = Path(out_dir), time.perf_counter()
-    world = prepare(root, scale, from_scratch=from_scratch)
-    bench = world / "bench"
-    prompts = [item.question for item in load_benchmark(bench / "text.tsv").items[:4]]
-    results, reference, final = [], None, None
-    for chain in ("delta", "full"):
-        for stem in STAGES if chain == "delta" else STAGES[1:]:
-            cfg = stage_config(stem, root, chain, steps_scale, progress)
-            t = time.perf_counter()
-            log.info("%s chain: training %s (%d steps)", chain, stem, cfg.schedule.steps)
-            if stem == STAGES[0] and not from_scratch:
-                path = root / "runs" / "s0" / "final"  # the shipped pre-trained LLM (prepare copied it)
-            else:
-                path = train(cfg)["final"]
-            res = StageResult(chain, stem, train_seconds=time.perf_counter() - t)
-            model, tokenizer = load(path, dtype=torch.float32)
-            res.scores, res.categories = evaluate_model(model, tokenizer, bench, Path(cfg.run.out_dir) / "eval",
-                                                        limit=eval_limit, progress=progress)
-            logits = text_logits(model, tokenizer, prompts)
-            if reference is None:
-                reference = logits
-                res.reading = reading_scores(model, tokenizer, bench, limit=eval_limit)
-            res.text_logits_identical = all(torch.equal(a, b) for a, b in zip(logits, reference))
-            res.text_logits_max_diff = max(float((a - b).abs().max()) for a, b in zip(logits, reference))
-            results.append(res)
-            if chain == "delta":
-                final = path
-        if chain == "delta":  # the full chain shares stage 0
-            results.append(StageResult("full", "s0_llm", dict(results[0].scores), dict(results[0].categories),
-                                       True, 0.0, 0.0, reading=dict(results[0].reading)))
-    seconds = time.perf_counter() - t0
-    write_report(root, results, seconds=seconds, scale=scale, steps_scale=steps_scale)
-    return {"results": results, "final": final, "seconds": seconds}
-
-
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
-def _ordered(results: list[StageResult], chain: str) -> list[StageResult]:
-    return sorted((r for r in results if r.chain == chain), key=lambda r: STAGES.index(r.stage))
-
-
-def report_markdown(results: list[StageResult], *, seconds: float, scale: str, steps_scale: float) -> str:
-    lines = ["# monovl demo --reproduce: the tiny Mono-InternVL, EViP from its pre-trained LLM", "",
-             f"World scale `{scale}`, steps × {steps_scale:g}, {seconds / 60:.1f} min in all. Visual = mean of the "
-             f"held-out mc / yesno / open benchmarks; chance level {_pct(visual_chance())} % "
-             "(mc 25 %, yes/no 50 %, open 0 %). Text, LLM format = the text benchmark asked as the stage-0 corpus "
-             "asks it (`Question: … Answer:`, no chat template): the language ability delta tuning must keep; "
-             "text, chat = the same questions in the chat template (stage 0 learns it from the world's text-only "
-             "chat).", ""]
-    for chain, title in (("delta", "Delta tuning (EViP freezing)"), ("full", "Full-tuning ablation")):
-        lines += [f"## {title}", "", "| stage | visual (%) | mc | yesno | open | text, LLM format (%) "
-                  "| text, chat (%) | text logits = stage 0 | max abs diff | train s |",
-                  "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
-        for r in _ordered(results, chain):
-            same = "-" if r.text_logits_identical is None else ("yes" if r.text_logits_identical else "no")
-            diff = "-" if r.text_logits_max_diff is None else f"{r.text_logits_max_diff:.3g}"
-            cells = [r.stage, _pct(r.visual), *(_pct(r.scores.get(b)) for b in VISUAL_BENCHES),
-                     _pct(r.scores.get("text_lm")), _pct(r.scores.get("text")), same, diff, f"{r.train_seconds:.0f}"]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-    delta = _ordered(results, "delta")
-    final, reading = delta[-1], delta[0].reading
-    if final.visual is not None:
-        lines += [f"Final delta-tuned model: visual {_pct(final.visual)} % (chance {_pct(visual_chance())} %).", ""]
-    if reading:
-        lines += [f"Reading reference: the stage-0 LLM, given each held-out image as its caption in text "
-                  f"(`bench/described/`, the same questions), scores {_pct(sum(reading.values()) / len(reading))} % "
-                  f"(" + ", ".join(f"{b} {_pct(v)}" for b, v in reading.items()) + "). That is how well the frozen "
-                  "LLM answers these questions from context when perception is perfect; delta tuning trains only "
-                  "the seeing, so the visual score is read against it.", ""]
-    lines += ["S1.1, S1.2 and S1.3 (stage `s1.3++`: the tiny model has attention experts, EViP++, so its visual "
-              "tokens train attention of their own) freeze the whole LLM, so text-only logits should stay "
-              "bit-identical; S2 trains everything. The table measures it rather than assuming it.", "",
-              "![visual accuracy](visual.png)", "", "![text accuracy](text.png)", ""]
-    return "\n".join(lines)
-
-
-def write_charts(out: Path, results: list[StageResult]) -> list[Path]:
-    """visual.png (visual accuracy per stage, both chains, chance line) and text.png (text accuracy per stage)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for name, get, chance in (("visual", lambda r: r.visual, visual_chance()),
-                              ("text", lambda r: r.scores.get("text_lm"), None)):
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for chain, style in (("delta", "o-"), ("full", "s--")):
-            rs = [r for r in _ordered(results, chain) if get(r) is not None]
-            ax.plot([r.stage for r in rs], [100 * get(r) for r in rs], style, label=f"{chain} tuning")
-        if chance is not None:
-            ax.axhline(100 * chance, color="grey", linestyle=":", label="chance")
-        ax.set_ylabel(f"{name} accuracy (%)")
-        ax.set_ylim(0, 100)
-        ax.legend()
-        fig.tight_layout()
-        paths.append(out / f"{name}.png")
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
-    return paths
-
-
-def write_report(out: Path, results: list[StageResult], *, seconds: float, scale: str, steps_scale: float) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps([dict(vars(r), visual=r.visual) for r in results], indent=2) + "\n")
-    write_charts(out, results)
-    path = out / "report.md"
-    path.write_text(report_markdown(results, seconds=seconds, scale=scale, steps_scale=steps_scale))
-    return path
-
-
-def category_table(scores: dict, cats: dict) -> str:
-    """A Markdown table: one row per category, one column per benchmark (percent)."""
+def category_table(scores: dict, cats: dict, counts: dict) -> str:
+    """A Markdown table: one row per category, one column per benchmark: percent correct (number of questions)."""
     names = [b for b in VISUAL_BENCHES + ("text",) if b in scores]
     rows = sorted({c for b in names for c in cats[b]})
-    lines = ["| category | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names),
-             "| **overall** | " + " | ".join(_pct(scores[b]) for b in names) + " |"]
-    lines += [f"| {c} | " + " | ".join(_pct(cats[b].get(c)) for b in names) + " |" for c in rows]
+
+    def cell(b: str, c: str) -> str:
+        score = scores[b] if c == "overall" else cats[b].get(c)
+        return "-" if score is None else f"{pct(score)} ({counts[b][c]})"
+
+    lines = ["| category | " + " | ".join(f"{b}: % (n)" for b in names) + " |", "|---|" + "---:|" * len(names),
+             "| **overall** | " + " | ".join(cell(b, "overall") for b in names) + " |"]
+    lines += [f"| {c} | " + " | ".join(cell(b, c) for b in names) + " |" for c in rows]
     return "\n".join(lines) + "\n"
 
 
+def visual_summary(scores: dict, counts: dict) -> str:
+    """The mean of the three visual benchmarks with its standard error (binomial, per benchmark)."""
+    visual = sum(scores[b] for b in VISUAL_BENCHES) / len(VISUAL_BENCHES)
+    se = sum(scores[b] * (1 - scores[b]) / counts[b]["overall"] for b in VISUAL_BENCHES) ** 0.5 / len(VISUAL_BENCHES)
+    n = sum(counts[b]["overall"] for b in VISUAL_BENCHES)
+    return (f"visual overall {pct(visual)} % ± {pct(se)} (standard error; {n} questions; chance "
+            f"{pct(visual_chance())} %)")
+
+
 def demo(model_dir=None, out_dir="demo_report", *, write=lambda s: None, limit: int | None = None,
-         examples: int = 3) -> dict:
-    """Evaluate the tiny model on the world's held-out benchmarks, stream answers to a few image questions
-    through `write`, and write out_dir/report.md + categories.png. Returns {"scores", "categories", "report"}."""
+         examples: int = 4) -> dict:
+    """Evaluate the tiny model on held-out benchmarks of a world seed it never trained on (seed 1; it trained on
+    seed 0), stream its answers to a few image questions through `write`, and write out_dir/report.md +
+    categories.png. Returns {"scores", "categories", "counts", "report"}."""
     from monovl import load
     from monovl.conversation import Conversation
     from monovl.eval.benchmarks import load_benchmark
@@ -293,29 +50,39 @@ def demo(model_dir=None, out_dir="demo_report", *, write=lambda s: None, limit: 
 
     model_dir, out = Path(model_dir or SHIPPED_MODEL), Path(out_dir)
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"no model at {model_dir} (no config.json). Train the tiny model from scratch with "
+        raise FileNotFoundError(f"no model at {model_dir} (no config.json). Train the tiny model with "
                                 "`monovl demo --reproduce --out DIR`, then pass --model DIR/runs/delta/s2/final")
     model, tokenizer = load(model_dir, dtype=torch.float32)
     world = out / "world"
-    if not (world / "bench" / "open.tsv").is_file():  # the small world's held-out images: never trained on
-        generate_world(world, scale="small")
-    scores, cats = evaluate_model(model, tokenizer, world / "bench", out / "eval", limit=limit)
-    table = category_table(scores, cats)
-    visual = sum(scores[b] for b in VISUAL_BENCHES) / len(VISUAL_BENCHES)
-    write(table + f"\nvisual overall {_pct(visual)} % (chance {_pct(visual_chance())} %)\n")
+    if not (world / "bench" / "open.tsv").is_file():
+        generate_world(world, seed=1, scale="eval")
+    scores, cats, counts = evaluate_model(model, tokenizer, world / "bench", out / "eval", limit=limit)
+    table, summary = category_table(scores, cats, counts), visual_summary(scores, counts)
+    write(table + f"\n{summary}\n")
     lines = []
     for item in load_benchmark(world / "bench" / "open.tsv").items[:examples]:
-        write(f"\nQ: {item.question}  (reference: {item.answer})\nA: ")
+        image = _save_image(out / "examples", item)
+        write(f"\n[{image}] Q: {item.question}  (reference: {item.answer})\nA: ")
         answer = "".join(p for p in _stream(Conversation(model, tokenizer, max_tiles=4), item, write))
         write("\n")
-        lines.append(f"- {item.question} → **{answer.strip()}** (reference: {item.answer})")
+        lines.append(f"- `{image.relative_to(out)}`: {item.question} → **{answer.strip()}** "
+                     f"(reference: {item.answer})")
     out.mkdir(parents=True, exist_ok=True)
-    _category_chart(out / "categories.png", cats)
+    _category_chart(out / "categories.png", cats, counts)
     report = out / "report.md"
-    report.write_text(f"# monovl demo: {model_dir}\n\nVisual overall {_pct(visual)} % (chance "
-                      f"{_pct(visual_chance())} %).\n\n{table}\n## Example answers\n\n" + "\n".join(lines)
+    report.write_text(f"# monovl demo: {model_dir}\n\nHeld-out pictures of a world seed the model never trained on. "
+                      f"{summary[0].upper() + summary[1:]}.\n\n{table}\n## Example answers\n\n" + "\n".join(lines)
                       + "\n\n![per-category accuracy](categories.png)\n")
-    return {"scores": scores, "categories": cats, "report": report}
+    return {"scores": scores, "categories": cats, "counts": counts, "report": report}
+
+
+def _save_image(folder: Path, item) -> Path:
+    """Write the picture of a benchmark row to folder/open_INDEX.png, so the streamed answer names a file to open."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"open_{item.index}.png"
+    data = item.images[0].load()
+    path.write_bytes(data if isinstance(data, bytes) else Path(data).read_bytes())
+    return path
 
 
 def _stream(conv, item, write):
@@ -327,23 +94,28 @@ def _stream(conv, item, write):
         yield piece
 
 
-def _category_chart(path: Path, cats: dict) -> None:
+def _category_chart(path: Path, cats: dict, counts: dict) -> None:
+    """Per-category accuracy of each visual benchmark, with each benchmark's chance level as a dotted line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     names = [b for b in VISUAL_BENCHES if b in cats]
     categories = sorted({c for b in names for c in cats[b]})
     width = 0.8 / max(1, len(names))
     for k, b in enumerate(names):
-        ax.bar([i + k * width for i in range(len(categories))],
-               [100 * (cats[b].get(c) or 0) for c in categories], width, label=b)
+        bars = ax.bar([i + k * width for i in range(len(categories))],
+                      [100 * (cats[b].get(c) or 0) for c in categories], width, label=f"{b} (n={counts[b]['overall']})")
+        if CHANCE[b]:
+            ax.axhline(100 * CHANCE[b], color=bars.patches[0].get_facecolor(), linestyle=":", linewidth=1.5,
+                       label=f"{b} chance")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(categories))], categories)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.legend()
+    ax.set_title("The tiny Mono-InternVL on held-out pictures, by question category")
+    ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -351,12 +123,15 @@ def _category_chart(path: Path, cats: dict) -> None:
 
 def _cmd_demo(args) -> int:
     if args.reproduce:
+        from monovl.reproduce import reproduce
+
         out = reproduce(args.out, scale=args.scale, steps_scale=args.steps_scale,
                         eval_limit=args.eval_limit or None, from_scratch=args.from_scratch)
         print((Path(args.out) / "report.md").read_text())
         print(f"report {Path(args.out) / 'report.md'}; final model {out['final']}; {out['seconds'] / 60:.1f} min")
         return 0
-    result = demo(args.model, args.out, write=lambda s: print(s, end="", flush=True))  # main() reports errors
+    result = demo(args.model, args.out, write=lambda s: print(s, end="", flush=True),  # main() reports errors
+                  limit=args.limit or None)
     print(f"\nreport {result['report']}")
     return 0
 
@@ -374,4 +149,5 @@ def register(subparsers) -> None:
     p.add_argument("--eval-limit", type=int, default=100,
                    help="--reproduce: questions per benchmark after each stage (0: all)")
     p.add_argument("--model", help="model folder (default: the shipped tiny model)")
+    p.add_argument("--limit", type=int, default=0, help="questions per benchmark (default 0: all 300)")
     p.set_defaults(func=_cmd_demo)

@@ -232,7 +232,7 @@ def generate_world(out_dir: str | Path, *, seed: int = 0, scale: str = "default"
                                       for k in range(sc.chat)))
     r = rng("reading")
     jsonl("reading", "text/reading.jsonl",
-          ({"text": D.reading_drill(sample_scene(r, max_shapes=6), r)} for _ in range(sc.reading)))
+          ({"text": D.reading_drill(sample_scene(r), r)} for _ in range(sc.reading)))
     r = rng("reading_chat")
     jsonl("reading_chat", "text/reading_chat.jsonl", ({"id": f"reading-{k:06d}", "conversations":
                                                        D.reading_conversation(sample_scene(r), r)} for k in range(sc.reading)))

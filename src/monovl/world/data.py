@@ -44,7 +44,9 @@ def describe(scene: Scene) -> str:
     """An accurate detailed caption (S1.2)."""
     shape = "wide" if scene.width > scene.height else "tall" if scene.height > scene.width else "square"
     n = len(scene.shapes)
-    parts = [f"{_a(s.size)} {s.colour} {s.kind} at the {s.position}" for s in scene.shapes]
+    # the colour also after the noun: "What colour is the star?" then finds its answer right after "star", the
+    # one-step look-up that small models learn first (a probe: colour 10 % → 47 % of held-out look-ups at equal steps)
+    parts = [f"{_a(s.size)} {s.colour} {s.kind} ({s.colour}) at the {s.position}" for s in scene.shapes]
     text = f"A {shape} picture with a {scene.pattern} {scene.background} background. "
     text += f"There {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} shape{'s' * (n > 1)}: {_join(parts)}."
     if scene.text is not None:
@@ -326,8 +328,7 @@ def chat_conversation(facts: list[Fact], sums: list[tuple[str, str]], rng: rando
 def reading_drill(scene: Scene, rng: random.Random) -> str:
     """A scene description followed by every question about it, each answered ("… What colour is the star? red.
     Where is the red star? top left. …"): dense practice in looking up what the text says about a named object,
-    the skill that stage 0 must have before the visual stages can build on it. The world's drills hold up to six
-    objects, more than its pictures do: the more objects, the less a guess among the context's colours pays."""
+    the skill that stage 0 must have before the visual stages can build on it."""
     qas = questions(scene)
     rng.shuffle(qas)
     return " ".join([describe(scene)] + [f"{qa.question} {qa.answer}." for qa in qas])
