@@ -292,7 +292,7 @@ def _cmd_world(args) -> int:
 
 
 def register(subparsers) -> None:
-    """Add `monovl world OUT_DIR [--seed N] [--scale small|default]`."""
+    """Add `monovl world OUT_DIR [--seed N] [--scale small|default|eval]`."""
     p = subparsers.add_parser("world", help="generate the seeded synthetic world: stage data, corpus, benchmarks")
     p.add_argument("out_dir", help="output folder (created)")
     p.add_argument("--seed", type=int, default=0, help="world seed")
