@@ -26,7 +26,7 @@ import logging
 import random
 import tarfile
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from monovl.world import data as D
@@ -151,116 +151,134 @@ def _visual_bench(kind: str, scenes: list[Scene], pngs: list[bytes], n: int,
     return rows, described
 
 
+@dataclass
+class _Writer:
+    """Where a world is written, what has been written (files and row counts), and its seeded random streams."""
+    out: Path
+    seed: int
+    files: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)
+
+    def rng(self, name: str) -> random.Random:  # an independent stream per part: parts do not shift each other
+        return random.Random(f"monovl-world/{self.seed}/{name}")
+
+    def jsonl(self, name: str, rel: str, rows: Iterable[dict]) -> None:
+        self.files[name], self.counts[name] = rel, write_jsonl(self.out / rel, rows)
+
+    def tsv(self, name: str, rel: str, rows: list[dict], columns: list[str]) -> None:
+        self.files[name], self.counts[name] = rel, write_tsv(self.out / rel, rows, columns)
+
+
+def _img(split: str, i: int) -> str:
+    return f"../images/{split}/{i:06d}.png"
+
+
+def _image_stages(w: _Writer, sc: WorldScale, split: str, scenes: list[Scene], pngs: list[bytes], facts, sums) -> None:
+    """S1.1, S1.2, S1.3 and S2 data of one split (train, or the held-out samples of each stage)."""
+    train = split == "train"
+    name, stem, n = ("", "conversations", len(scenes)) if train else ("_heldout", "heldout", sc.heldout)
+    r = w.rng(f"s1_1{name}")
+    s11 = [{"image": _img(split, i % len(scenes)), "caption": D.alt_text(scenes[i % len(scenes)], r)} for i in range(n)]
+    w.jsonl(f"s1_1{name}", f"s1_1/{'pairs' if train else 'heldout'}.jsonl", s11)
+    w.jsonl(f"s1_2{name}", f"s1_2/{'pairs' if train else 'heldout'}.jsonl",
+            ({"image": _img(split, i % len(scenes)), "caption": D.describe(scenes[i % len(scenes)])} for i in range(n)))
+    if train:
+        shards = write_tar_shards(w.out / "s1_1/shards", [(f"{i:06d}", pngs[i], row["caption"])
+                                                         for i, row in enumerate(s11)], sc.shard_size)
+        w.files["s1_1_shards"], w.counts["s1_1_shards"] = "s1_1/shards", len(shards)
+    r = w.rng(f"s1_3{name}")
+    w.jsonl(f"s1_3{name}", f"s1_3/{stem}.jsonl",
+            ({"id": f"s1_3{name}-{k:06d}", "image": _img(split, k % len(scenes)),
+              "conversations": D.s1_3_conversation(scenes[k % len(scenes)], r)} for k in range(sc.s1_3 if train else n)))
+    r, s2 = w.rng(f"s2{name}"), []
+    for k in range(sc.s2 if train else n):
+        roll, row = r.random(), {"id": f"s2{name}-{k:06d}"}
+        picks = [] if roll < 0.3 else [r.randrange(len(scenes)) for _ in range(2 if roll < 0.55 else 1)]
+        if picks:
+            row["image"] = [_img(split, i) for i in picks] if len(picks) == 2 else _img(split, picks[0])
+        row["conversations"] = D.s2_conversation([scenes[i] for i in picks], facts, sums, r)
+        s2.append(row)
+    w.jsonl(f"s2{name}", f"s2/{stem}.jsonl", s2)
+    if train:  # its own stream: the files above (and the tokenizer trained on them) stay as they were
+        r = w.rng("s2_plain")
+        w.jsonl("s2_plain", "s2/plain.jsonl", ({"id": f"s2_plain-{k:06d}", "image": _img(split, k % len(scenes)),
+                                                "conversations": D.plain_conversation(scenes[k % len(scenes)], r)}
+                                               for k in range(sc.s2 // 2)))
+
+
+def _meta_files(w: _Writer) -> None:
+    """The official meta JSON of S1.3 and S2; root and annotation relative to the meta file."""
+    for stage in ("s1_3", "s2"):
+        meta = {f"synthetic_{stage}": {"root": ".", "annotation": "conversations.jsonl", "repeat_time": 1,
+                                       "length": w.counts[stage]}}
+        if stage == "s2":
+            meta["synthetic_s2_plain"] = {"root": ".", "annotation": "plain.jsonl", "repeat_time": 1,
+                                          "length": w.counts["s2_plain"]}
+        (w.out / stage / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        w.files[f"{stage}_meta"] = f"{stage}/meta.json"
+
+
+def _text_files(w: _Writer, sc: WorldScale, facts, sums, held_sums) -> None:
+    """Stage 0's texts: corpus, text-only chat, reading practice, and the held-out corpus lines."""
+    r = w.rng("text")
+    kinds = r.choices(("fact", "arithmetic", "scene"), weights=(4, 3, 3), k=sc.text)
+    w.jsonl("text", "text/corpus.jsonl", ({"text": D.corpus_line(k, facts, sums, r)} for k in kinds))
+    r = w.rng("chat")
+    w.jsonl("chat", "text/chat.jsonl", ({"id": f"chat-{k:06d}", "conversations": D.chat_conversation(facts, sums, r)}
+                                        for k in range(sc.chat)))
+    r = w.rng("reading")
+    w.jsonl("reading", "text/reading.jsonl",
+            ({"text": D.reading_drill(sample_scene(r), r)} for _ in range(sc.reading)))
+    r = w.rng("reading_chat")
+    w.jsonl("reading_chat", "text/reading_chat.jsonl",
+            ({"id": f"reading-{k:06d}", "conversations": D.reading_conversation(sample_scene(r), r)}
+             for k in range(sc.reading)))
+    r = w.rng("text_heldout")
+    w.jsonl("text_heldout", "text/heldout.jsonl",
+            ({"text": D.corpus_line(k, facts, held_sums, r, heldout=True)} for k in kinds[:sc.heldout]))
+
+
+def _bench_files(w: _Writer, sc: WorldScale, heldout: list[Scene], held_png: list[bytes], facts, held_sums) -> None:
+    for kind in ("mc", "yesno", "open"):
+        rows, described = _visual_bench(kind, heldout, held_png, sc.bench, w.rng(f"bench_{kind}"))
+        columns = MC_COLUMNS if kind == "mc" else QA_COLUMNS
+        w.tsv(f"bench_{kind}", f"bench/{kind}.tsv", rows, columns)
+        w.tsv(f"bench_described_{kind}", f"bench/described/{kind}.tsv", described,
+              [c for c in columns if c != "image"])
+    r = w.rng("bench_text")
+    text_rows = [(f.question, f.answer, "fact") for f in r.sample(facts, min(len(facts), sc.bench // 2))]
+    text_rows += [(q, a, "arithmetic") for q, a in held_sums[:sc.bench - len(text_rows)]]
+    w.tsv("bench_text", "bench/text.tsv", [{"index": i, "question": q, "answer": a, "category": c}
+                                           for i, (q, a, c) in enumerate(text_rows)],
+          ["index", "question", "answer", "category"])
+
+
 def generate_world(out_dir: str | Path, *, seed: int = 0, scale: str = "default") -> dict:
     """Write the whole world under `out_dir`; return {"root", "paths": {name: path}, "counts": {name: n}}."""
     if scale not in SCALES:
         raise ValueError(f"unknown world scale {scale!r}; choose one of {', '.join(SCALES)}")
-    sc, out = SCALES[scale], Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    def rng(name: str) -> random.Random:  # an independent stream per part: parts do not shift each other
-        return random.Random(f"monovl-world/{seed}/{name}")
-
-    heldout = _scenes(rng("heldout"), sc.heldout_images, set())
-    train = _scenes(rng("train"), sc.train_images, set(heldout))
+    sc, w = SCALES[scale], _Writer(Path(out_dir), seed)
+    w.out.mkdir(parents=True, exist_ok=True)
+    heldout = _scenes(w.rng("heldout"), sc.heldout_images, set())
+    train = _scenes(w.rng("train"), sc.train_images, set(heldout))
     log.info("rendering %d training and %d held-out images", len(train), len(heldout))
-    train_png, held_png = _write_images(out / "images/train", train), _write_images(out / "images/heldout", heldout)
-    facts = D.invent_facts(rng("facts"))
-    sums, held_sums = D.arithmetic_pairs(rng("arithmetic"))
-    files: dict[str, str] = {}
-    counts: dict[str, int] = {}
-
-    def jsonl(name: str, rel: str, rows: Iterable[dict]) -> None:
-        files[name], counts[name] = rel, write_jsonl(out / rel, rows)
-
-    def tsv(name: str, rel: str, rows: list[dict], columns: list[str]) -> None:
-        files[name], counts[name] = rel, write_tsv(out / rel, rows, columns)
-
-    def img(split: str, i: int) -> str:
-        return f"../images/{split}/{i:06d}.png"
-
-    for split, scenes, n in (("train", train, len(train)), ("heldout", heldout, sc.heldout)):
-        name = "" if split == "train" else "_heldout"
-        r = rng(f"s1_1{name}")
-        s11 = [{"image": img(split, i % len(scenes)), "caption": D.alt_text(scenes[i % len(scenes)], r)}
-               for i in range(n)]
-        jsonl(f"s1_1{name}", f"s1_1/{'pairs' if split == 'train' else 'heldout'}.jsonl", s11)
-        jsonl(f"s1_2{name}", f"s1_2/{'pairs' if split == 'train' else 'heldout'}.jsonl",
-              ({"image": img(split, i % len(scenes)), "caption": D.describe(scenes[i % len(scenes)])}
-               for i in range(n)))
-        if split == "train":
-            shards = write_tar_shards(out / "s1_1/shards", [(f"{i:06d}", train_png[i], row["caption"])
-                                                             for i, row in enumerate(s11)], sc.shard_size)
-            files["s1_1_shards"], counts["s1_1_shards"] = "s1_1/shards", len(shards)
-
-        r, stem = rng(f"s1_3{name}"), "conversations" if split == "train" else "heldout"
-        jsonl(f"s1_3{name}", f"s1_3/{stem}.jsonl",
-              ({"id": f"s1_3{name}-{k:06d}", "image": img(split, k % len(scenes)),
-                "conversations": D.s1_3_conversation(scenes[k % len(scenes)], r)}
-               for k in range(sc.s1_3 if split == "train" else n)))
-
-        r, s2 = rng(f"s2{name}"), []
-        s2_sums = sums if split == "train" else held_sums
-        for k in range(sc.s2 if split == "train" else n):
-            roll, row = r.random(), {"id": f"s2{name}-{k:06d}"}
-            picks = [] if roll < 0.3 else [r.randrange(len(scenes)) for _ in range(2 if roll < 0.55 else 1)]
-            if picks:
-                row["image"] = [img(split, i) for i in picks] if len(picks) == 2 else img(split, picks[0])
-            row["conversations"] = D.s2_conversation([scenes[i] for i in picks], facts, s2_sums, r)
-            s2.append(row)
-        jsonl(f"s2{name}", f"s2/{stem}.jsonl", s2)
-        if split == "train":  # its own stream: the files above (and the tokenizer trained on them) stay as they were
-            r = rng("s2_plain")
-            jsonl("s2_plain", "s2/plain.jsonl", ({"id": f"s2_plain-{k:06d}", "image": img(split, k % len(scenes)),
-                                                  "conversations": D.plain_conversation(scenes[k % len(scenes)], r)}
-                                                 for k in range(sc.s2 // 2)))
-
-    for stage in ("s1_3", "s2"):  # official meta JSON; root and annotation relative to the meta file
-        meta = {f"synthetic_{stage}": {"root": ".", "annotation": "conversations.jsonl", "repeat_time": 1,
-                                       "length": counts[stage]}}
-        if stage == "s2":
-            meta["synthetic_s2_plain"] = {"root": ".", "annotation": "plain.jsonl", "repeat_time": 1,
-                                          "length": counts["s2_plain"]}
-        (out / stage / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        files[f"{stage}_meta"] = f"{stage}/meta.json"
-
-    r = rng("text")
-    kinds = r.choices(("fact", "arithmetic", "scene"), weights=(4, 3, 3), k=sc.text)
-    jsonl("text", "text/corpus.jsonl", ({"text": D.corpus_line(k, facts, sums, r)} for k in kinds))
-    r = rng("chat")
-    jsonl("chat", "text/chat.jsonl", ({"id": f"chat-{k:06d}", "conversations": D.chat_conversation(facts, sums, r)}
-                                      for k in range(sc.chat)))
-    r = rng("reading")
-    jsonl("reading", "text/reading.jsonl",
-          ({"text": D.reading_drill(sample_scene(r), r)} for _ in range(sc.reading)))
-    r = rng("reading_chat")
-    jsonl("reading_chat", "text/reading_chat.jsonl", ({"id": f"reading-{k:06d}", "conversations":
-                                                       D.reading_conversation(sample_scene(r), r)} for k in range(sc.reading)))
-    r = rng("text_heldout")
-    jsonl("text_heldout", "text/heldout.jsonl",
-          ({"text": D.corpus_line(k, facts, held_sums, r, heldout=True)} for k in kinds[:sc.heldout]))
-
-    for kind in ("mc", "yesno", "open"):
-        rows, described = _visual_bench(kind, heldout, held_png, sc.bench, rng(f"bench_{kind}"))
-        columns = MC_COLUMNS if kind == "mc" else QA_COLUMNS
-        tsv(f"bench_{kind}", f"bench/{kind}.tsv", rows, columns)
-        tsv(f"bench_described_{kind}", f"bench/described/{kind}.tsv", described, [c for c in columns if c != "image"])
-    r = rng("bench_text")
-    text_rows = [(f.question, f.answer, "fact") for f in r.sample(facts, min(len(facts), sc.bench // 2))]
-    text_rows += [(q, a, "arithmetic") for q, a in held_sums[:sc.bench - len(text_rows)]]
-    tsv("bench_text", "bench/text.tsv", [{"index": i, "question": q, "answer": a, "category": c}
-                                         for i, (q, a, c) in enumerate(text_rows)],
-        ["index", "question", "answer", "category"])
-
-    counts.update(train_images=len(train), heldout_images=len(heldout))
-    files.update(train_images="images/train", heldout_images="images/heldout", manifest="world.json")
+    train_png, held_png = _write_images(w.out / "images/train", train), _write_images(w.out / "images/heldout", heldout)
+    facts = D.invent_facts(w.rng("facts"))
+    sums, held_sums = D.arithmetic_pairs(w.rng("arithmetic"))
+    _image_stages(w, sc, "train", train, train_png, facts, sums)
+    _image_stages(w, sc, "heldout", heldout, held_png, facts, held_sums)
+    _meta_files(w)
+    _text_files(w, sc, facts, sums, held_sums)
+    _bench_files(w, sc, heldout, held_png, facts, held_sums)
+    w.counts.update(train_images=len(train), heldout_images=len(heldout))
+    w.files.update(train_images="images/train", heldout_images="images/heldout", manifest="world.json")
     manifest = {"seed": seed, "scale": scale, "sizes": asdict(sc), "tile_size": TILE, "image_sizes": IMAGE_SIZES,
                 "vocabulary": {"colours": list(COLOURS), "shapes": list(SHAPES), "sizes": list(SIZES),
                                "positions": list(POSITIONS), "backgrounds": list(BACKGROUNDS),
                                "patterns": list(PATTERNS), "words": list(WORDS), "numbers": list(NUMBERS)},
-                "counts": counts, "files": files}
-    (out / "world.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return {"root": str(out), "paths": {k: str(out / v) for k, v in files.items()}, "counts": counts}
+                "counts": w.counts, "files": w.files}
+    (w.out / "world.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return {"root": str(w.out), "paths": {k: str(w.out / v) for k, v in w.files.items()}, "counts": w.counts}
 
 
 def world_texts(out_dir: str | Path) -> Iterator[str]:
