@@ -149,7 +149,7 @@ def grounding(scene: Scene, rng: random.Random) -> tuple[str, str]:
 # ---- the invented world: facts and arithmetic (text corpus and text benchmark) ----
 
 SYLLABLES = ("ka", "lo", "mi", "ren", "to", "va", "zu", "bel", "dor", "si", "nar", "pe", "ul", "gri", "fa", "mo")
-KINDS = ("bird", "fish", "cat", "horse", "frog", "snake")
+ANIMAL_KINDS = ("bird", "fish", "cat", "horse", "frog", "snake")
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,7 @@ def invent_facts(rng: random.Random, *, lands: int = 6) -> list[Fact]:
     facts = []
     for _ in range(lands):
         land, city, animal = _name(rng, used), _name(rng, used), _name(rng, used).lower()
-        colour, shape, kind, fur = (rng.choice(tuple(COLOURS)), rng.choice(SHAPES), rng.choice(KINDS),
+        colour, shape, kind, fur = (rng.choice(tuple(COLOURS)), rng.choice(SHAPES), rng.choice(ANIMAL_KINDS),
                                     rng.choice(tuple(COLOURS)))
         facts += [
             Fact(f"What is the capital of {land}?", city,
