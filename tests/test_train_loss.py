@@ -109,3 +109,25 @@ def test_no_label_gives_zero_and_unknown_names_fail():
     assert float(monovl.train.loss(model, batch).detach()) == 0.0
     with pytest.raises(AttributeError, match="no attribute 'losses'"):
         monovl.train.losses  # noqa: B018
+
+
+def test_shapes_bench_and_profile_measure_each_path():
+    from monovl.train.memory_shapes import PATHS, _config, measure_head, measure_step, profile_step, shape_batch
+    from monovl.scratch import random_model
+    from monovl.train.freeze import param_groups
+
+    cfg = _config("debug", 1)
+    for shape, (n_text, n_answer) in (("s1.1", (32, 32)), ("s2", (256, 64))):
+        batch = shape_batch(cfg, shape)
+        assert batch["input_ids"].shape == (1, 1 + cfg.num_image_token + n_text)
+        assert int((batch["labels"] != -100).sum()) == n_answer
+    for path in PATHS:
+        r = measure_step("s2", path, "debug", 1, "full", 1)
+        assert r["step_s"] > 0 and r["tokens"] == 1 + 4 + 256
+        assert measure_head("s1.1", path, "debug", "s1.1", 1)["head_s"] > 0
+    model = random_model(cfg).train()
+    times = profile_step(model, shape_batch(cfg, "s2"), torch.optim.AdamW(param_groups(model, 0.0), lr=1e-3))
+    parts = {"vision (patch embedding, mlp1)", "attention projections", "FFN experts", "optimizer (AdamW)",
+             "head (final norm, output; labelled rows)", "RMSNorms in the layers", "step"}
+    assert set(times) == parts and all(t > 0 for t in times.values())
+    assert sum(v for k, v in times.items() if k not in ("step", "optimizer (AdamW)")) < times["step"]

@@ -17,6 +17,7 @@ import resource
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +109,81 @@ def measure_head(shape: str, path: str, preset_name: str, stage: str, steps: int
         x.grad = head.weight.grad = None
         times.append(time.perf_counter() - t0)
     return {"head_s": sum(times[1:]) / steps, "head_peak_bytes": _peak_since(base)}
+
+
+def _component(name: str) -> str | None:
+    """The part of the step a module belongs to, for `profile_step`."""
+    if name in ("vision_model", "mlp1"):
+        return "vision (patch embedding, mlp1)"
+    if name.endswith((".attention.wqkv", ".attention.wo", ".attention_ve.wqkv", ".attention_ve.wo")):
+        return "attention projections"
+    if name.endswith((".feed_forward", ".feed_forward_ve")):
+        return "FFN experts"
+    if name.endswith(("attention_norm", "ffn_norm")):
+        return "RMSNorms in the layers"
+    if name in ("language_model.model.norm", "language_model.output", "language_model.lm_head"):
+        return "head (final norm, output; labelled rows)"
+    return None
+
+
+def profile_step(model, batch: dict, optimizer) -> dict[str, float]:
+    """Seconds per part of one step (labelled loss, backward, optimizer step), from module hooks: forward between
+    pre- and post-hook, backward between backward pre-hook and backward hook (autograd runs them in order on
+    CPU). Attention itself (rope, softmax), the routing gathers and the vision part's backward (its input needs
+    no gradient, so its hooks fire together) are the rest of `step`."""
+    from monovl.train import loss
+
+    times, started, hooks = {}, {}, []
+
+    def timer(part: str, key: str, start: bool):
+        def hook(*_):
+            if start:
+                started[key] = time.perf_counter()
+            else:
+                times[part] = times.get(part, 0.0) + time.perf_counter() - started.pop(key)
+        return hook
+
+    modules = [(n, m, _component(n)) for n, m in model.named_modules()]
+    for name, m, part in [(n, m, p) for n, m, p in modules if p is not None]:
+        hooks += [m.register_forward_pre_hook(timer(part, name, True)),
+                  m.register_forward_hook(timer(part, name, False)),
+                  m.register_full_backward_pre_hook(timer(part, name + "/b", True)),
+                  m.register_full_backward_hook(timer(part, name + "/b", False))]
+    try:
+        t0 = time.perf_counter()
+        loss(model, batch).backward()
+        t1 = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times["optimizer (AdamW)"], times["step"] = time.perf_counter() - t1, t1 - t0
+    finally:
+        for h in hooks:
+            h.remove()
+    return times
+
+
+def profile_main(args) -> int:
+    """`--profile`: the split of one S2-shaped step (labelled loss, backward, AdamW) after a warm-up step."""
+    from monovl.scratch import random_model
+    from monovl.train.freeze import freeze, param_groups
+
+    cfg = _config(args.preset, args.layers)
+    model = freeze(random_model(cfg).train(), args.stage)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-6)
+    batch = shape_batch(cfg, "s2")
+    with warnings.catch_warnings():  # the vision part's input needs no gradient: said above, not an error
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        profile_step(model, batch, optimizer)  # warm-up: allocations, optimizer state
+        times = profile_step(model, batch, optimizer)
+    total = times["step"] + times["optimizer (AdamW)"]
+    print(f"{args.preset}, {args.layers} layers, stage {args.stage}, S2 shape, fp32: step {total:.2f} s "
+          "(forward + backward, then the optimizer)")
+    rest = times["step"] - sum(v for k, v in times.items() if k not in ("step", "optimizer (AdamW)"))
+    for part, sec in sorted([*times.items(), ("rest: attention core, rope, routing, embeddings, loss", rest)],
+                            key=lambda kv: -kv[1]):
+        if part != "step":
+            print(f"  {part:55s} {sec:7.2f} s {sec / total:6.1%}")
+    return 0
 
 
 def _child(args, kind: str, shape: str, path: str) -> dict:
