@@ -7,7 +7,8 @@ backward) on two sample shapes, three ways, each in a fresh subprocess so peak m
 - `labelled`: `monovl.train.loss`, logits only where a label is.
 
 The head's share is the time of the loss path alone (final norm, head, cross-entropy, their backward) on the
-same shape, measured in its own subprocess, over the step time; its peak is that subprocess's peak memory.
+same shape, measured in its own subprocess, over the step time; its peak is that subprocess's peak memory
+less the head's weight gradient: the logits, their gradient and the cross-entropy's buffers.
 """
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ def measure_step(shape: str, path: str, preset_name: str, layers: int, stage: st
 
 
 def measure_head(shape: str, path: str, preset_name: str, stage: str, steps: int) -> dict:
-    """Seconds and peak memory of the loss path alone: final norm, head, cross-entropy and their backward."""
+    """Seconds and peak memory of the loss path alone: final norm, head, cross-entropy and their backward. The
+    peak leaves out the head's weight gradient (when the stage trains the head), which every path needs."""
     from monovl.model.decoder import RMSNorm
     from monovl.model.head_loss import head_loss
     from monovl.train.freeze import STAGES
@@ -108,7 +110,8 @@ def measure_head(shape: str, path: str, preset_name: str, stage: str, steps: int
         loss.backward()
         x.grad = head.weight.grad = None
         times.append(time.perf_counter() - t0)
-    return {"head_s": sum(times[1:]) / steps, "head_peak_bytes": _peak_since(base)}
+    weight_grad = head.weight.numel() * 4 if head.weight.requires_grad else 0  # needed by any loss path
+    return {"head_s": sum(times[1:]) / steps, "head_peak_bytes": _peak_since(base) - weight_grad}
 
 
 def _component(name: str) -> str | None:
