@@ -96,7 +96,7 @@ def measure_head(shape: str, path: str, preset_name: str, stage: str, steps: int
     cfg = _config(preset_name)
     d, v = cfg.llm.hidden_size, cfg.llm.vocab_size
     norm, head = RMSNorm(d, cfg.llm.rms_norm_eps), torch.nn.Linear(d, v, bias=False)
-    head.weight.data.normal_(0, 0.02)
+    torch.nn.init.normal_(head.weight, 0, 0.02)
     head.weight.requires_grad_(any(fnmatch.fnmatch("language_model.output.weight", p) for p in STAGES[stage]))
     labels = shape_batch(cfg, shape)["labels"]
     x = torch.randn(1, labels.shape[1], d, requires_grad=True)  # (1, T, D)
