@@ -111,6 +111,7 @@ def test_no_label_gives_zero_and_unknown_names_fail():
         monovl.train.losses  # noqa: B018
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # the vision input needs no gradient
 def test_shapes_bench_and_profile_measure_each_path():
     from monovl.train.memory_shapes import PATHS, _config, measure_head, measure_step, profile_step, shape_batch
     from monovl.scratch import random_model

@@ -200,7 +200,7 @@ def main(args) -> int:
     """Every (shape, path) step and loss path in a fresh process; a table with ratios to the `dense` path."""
     print(f"{args.preset}, {args.layers} layers, stage {args.stage}, fp32, {torch.get_num_threads()} threads, "
           f"forward + loss + backward, mean of {args.steps} step(s) after a warm-up")
-    for shape in SHAPES:
+    for shape in SHAPES if args.shape == "both" else [args.shape]:
         rows = {}
         for path in PATHS:
             rows[path] = _child(args, "step", shape, path)
