@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from monovl.config import LLMConfig
+from monovl.model.head_loss import head_loss
 
 
 class RMSNorm(nn.Module):
@@ -328,11 +329,13 @@ class CausalLM(nn.Module):
 
     def forward(self, x: torch.Tensor, visual_mask: torch.Tensor | None = None, *, input_pos=None,
                 cache: KVCache | None = None, logits_at: torch.Tensor | None = None, dense: bool = False,
-                cache_rows: torch.Tensor | None = None):
+                cache_rows: torch.Tensor | None = None, labels: torch.Tensor | None = None, loss_chunk: int = 0):
         """x: embeddings (B, T, D). input_pos (B, T): positions (default 0..T-1); with a `cache`, where to write;
         without one, several samples packed in a row, each starting at position 0 (attention stays within each);
         cache_rows (B,): the cache row (slot) of each batch row, for serving a subset of the cache's rows.
-        logits_at (B,): one position per row to compute logits for; None = every position. → (B, T', V)."""
+        logits_at (B,): one position per row to compute logits for; None = every position. → (B, T', V).
+        labels (B, T) (-100: no loss): → the summed next-token loss instead, the head run only where a label is
+        (`head_loss`; `loss_chunk` rows of logits at a time)."""
         b, t, _ = x.shape
         if visual_mask is None:
             visual_mask = torch.zeros(b, t, dtype=torch.bool, device=x.device)
@@ -354,6 +357,8 @@ class CausalLM(nn.Module):
         ctx = ForwardContext(Routing.build(visual_mask, dense), cos, sin, input_pos, kv_len, mask, cache, cache_rows)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, ctx, i)
+        if labels is not None:
+            return head_loss(x, labels, self.model.norm, self.head, loss_chunk)  # () fp32
         if logits_at is not None:
             x = x[torch.arange(b, device=x.device), logits_at][:, None]  # (B, 1, D)
         return self.head(self.model.norm(x))  # (B, T', V)

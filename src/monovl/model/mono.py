@@ -49,11 +49,13 @@ class MonoInternVL(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
                 input_pos: torch.Tensor | None = None, cache: KVCache | None = None,
                 logits_at: torch.Tensor | None = None, dense: bool = False,
-                cache_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, T) → logits (B, T, V) (or (B, 1, V) with `logits_at`). See CausalLM."""
+                cache_rows: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                loss_chunk: int = 0) -> torch.Tensor:
+        """input_ids (B, T) → logits (B, T, V) (or (B, 1, V) with `logits_at`); with `labels` (B, T), the summed
+        next-token cross-entropy, logits computed only where a label is. See CausalLM."""
         x, visual_mask = self.embed(input_ids, pixel_values)
         return self.language_model(x, visual_mask, input_pos=input_pos, cache=cache, logits_at=logits_at,
-                                   dense=dense, cache_rows=cache_rows)
+                                   dense=dense, cache_rows=cache_rows, labels=labels, loss_chunk=loss_chunk)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.language_model.head.weight

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from monovl.train import parallel
 from monovl.train.freeze import freeze, param_groups
 from monovl.train.lora import apply_lora, merge_lora
 from monovl.train.metrics import MetricsWriter
+from monovl.train.objective import loss as loss_of
 from monovl.train.recipe import TrainConfig, to_dict, validate
 from monovl.train.state import clean_temporary, list_states, load_state, newest_good_state, save_state
 
@@ -151,16 +151,6 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def loss_sum(model, batch: dict, autocast_dtype=None) -> torch.Tensor:
-    """Summed next-token cross-entropy over the label tokens (labels -100 carry no loss)."""
-    device_type = batch["input_ids"].device.type
-    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        logits = model(batch["input_ids"], batch.get("pixel_values"), input_pos=batch.get("input_pos"))
-    labels = batch["labels"][:, 1:]  # (B, T-1)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                           reduction="sum")
-
-
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -204,7 +194,7 @@ def _setup(cfg: TrainConfig):
 
 
 def _optimizer_step(model, micro: list[dict], params, optimizer, grad_clip: float, world: int, autocast_dtype,
-                    step: int) -> tuple[float, float, int]:
+                    step: int, loss_chunk: int = 0) -> tuple[float, float, int]:
     """Forward/backward over the micro batches, clip, and step unless the loss or the gradient is not finite.
     Returns (loss, grad norm, tokens of the global batch)."""
     n_labels = _all_sum(sum((b["labels"][:, 1:] != -100).sum() for b in micro).float())
@@ -213,7 +203,7 @@ def _optimizer_step(model, micro: list[dict], params, optimizer, grad_clip: floa
         raise ValueError(f"step {step}: the batch has no label tokens (every label is -100)")
     total_loss = torch.zeros((), device=micro[0]["input_ids"].device)
     for b in micro:
-        s = loss_sum(model, b, autocast_dtype)
+        s = loss_of(model, b, autocast_dtype, loss_chunk)
         (s * world / n_labels).backward()  # FSDP averages gradients over the processes
         total_loss += s.detach()
     loss = float(_all_sum(total_loss) / n_labels)
@@ -282,7 +272,7 @@ def train(cfg: TrainConfig, data=None) -> dict:
             t0 = time.perf_counter()
             micro = [_to(next(stream), device) for _ in range(o.grad_accum)]
             loss, grad_norm, n_tokens = _optimizer_step(model, micro, params, optimizer, o.grad_clip, world,
-                                                        autocast_dtype, step)
+                                                        autocast_dtype, step, cfg.model.loss_chunk)
             if math.isfinite(loss) and math.isfinite(grad_norm):
                 consecutive = 0
             else:

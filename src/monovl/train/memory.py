@@ -3,6 +3,12 @@ the same model, each in a fresh subprocess so peak memories do not mix.
 
     python -m monovl.train.memory --preset mono-internvl-2b --layers 2 --steps 3
 
+`--shapes` instead measures the loss path (`monovl.train.memory_shapes`): a forward + backward step on the
+S1.1 shape (1 tile + a 32-token caption) and the S2 shape (1 tile + 256 text tokens, a 64-token answer), with
+logits at every position (the dense blend of both experts, as the official code; or routed experts) and with
+logits only where a label is (`monovl.train.loss`), and the share of the head in each; `--profile` splits one
+S2-shaped step (with AdamW) by part of the model.
+
 Peak memory is `torch.cuda.max_memory_allocated` on GPU; on CPU the process's peak resident set minus its
 resident set just before the model was built (so the interpreter and torch itself do not count).
 """
@@ -74,8 +80,16 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--ac", action="store_true", help="activation checkpointing")
+    p.add_argument("--shapes", action="store_true", help="the loss-path benchmark on the S1.1 and S2 shapes")
+    p.add_argument("--stage", default="full", help="--shapes: the freeze stage (full = everything trainable)")
+    p.add_argument("--shape", default="both", choices=["s1.1", "s2", "both"], help="--shapes: which sample shape")
+    p.add_argument("--profile", action="store_true", help="the split of one S2-shaped step by part of the model")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.shapes or args.profile:
+        from monovl.train import memory_shapes
+
+        return memory_shapes.main(args) if args.shapes else memory_shapes.profile_main(args)
     if args.child:
         print(json.dumps(measure(args.child, args.preset, args.layers, args.batch, args.seq_len, args.steps,
                                  args.device, args.ac)))

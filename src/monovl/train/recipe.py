@@ -29,6 +29,7 @@ class ModelSection:
     lora_alpha: float = 16.0
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass
     compile: bool = False  # torch.compile each decoder layer
+    loss_chunk: int = 0  # > 0: logits of at most this many label tokens at a time (bounded memory, same loss)
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 parameters (fp32 reductions) on GPU
 
 

@@ -1,0 +1,225 @@
+"""The loss-path benchmark of `python -m monovl.train.memory --shapes`: one training step (forward, loss,
+backward) on two sample shapes, three ways, each in a fresh subprocess so peak memories do not mix:
+
+- `dense`: logits at every position and both FFN experts on every token, blended by the mask (what the
+  official model code computes; monovl's `dense=True`),
+- `full`: routed experts, logits at every position (monovl's loss before `head_loss`),
+- `labelled`: `monovl.train.loss`, logits only where a label is.
+
+The head's share is the time of the loss path alone (final norm, head, cross-entropy, their backward) on the
+same shape, measured in its own subprocess, over the step time; its peak is that subprocess's peak memory
+less the head's weight gradient: the logits, their gradient and the cross-entropy's buffers.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import resource
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {"s1.1": (32, 32), "s2": (256, 64)}  # shape → (text tokens after the tile, answer tokens at the end)
+PATHS = ("dense", "full", "labelled")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _peak_since(base: int) -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+
+
+def _config(preset_name: str, layers: int = 0):
+    """The preset (with `layers` decoder layers, 0 = its own), <IMG_CONTEXT> where `random_model` puts it."""
+    from monovl.config import preset
+
+    cfg = preset(preset_name, **({"num_layers": layers} if layers else {}))
+    cfg.image_token_id = cfg.image_token_id if cfg.image_token_id is not None else cfg.llm.vocab_size - 7
+    return cfg
+
+
+def shape_batch(cfg, shape: str) -> dict:
+    """One row: <s>, one tile's image tokens, then text; labels on the last `answer` tokens only."""
+    n_text, n_answer = SHAPES[shape]
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(3, cfg.image_token_id - 16, (n_text,), generator=g)
+    ids = torch.cat([torch.tensor([1]), torch.full((cfg.num_image_token,), cfg.image_token_id), text])[None]
+    labels = torch.full_like(ids, -100)
+    labels[:, -n_answer:] = ids[:, -n_answer:]
+    s = cfg.vision.image_size
+    pixel_values = torch.randn(1, 3, s, s, generator=g)
+    return {"input_ids": ids, "labels": labels, "input_pos": None, "pixel_values": pixel_values}
+
+
+def _path_loss(model, batch: dict, path: str) -> torch.Tensor:
+    from monovl.train import loss
+
+    if path == "labelled":
+        return loss(model, batch)
+    logits = model(batch["input_ids"], batch["pixel_values"], dense=path == "dense")  # (1, T, V)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum")
+
+
+def measure_step(shape: str, path: str, preset_name: str, layers: int, stage: str, steps: int) -> dict:
+    """Seconds per forward + loss + backward step and peak memory of the whole step, in this process."""
+    from monovl.scratch import random_model
+    from monovl.train.freeze import freeze
+
+    base = _rss_bytes()
+    cfg = _config(preset_name, layers)
+    model = freeze(random_model(cfg).train(), stage)
+    batch = shape_batch(cfg, shape)
+    times = []
+    for _ in range(steps + 1):  # the first step (allocation, warm-up) is not timed
+        t0 = time.perf_counter()
+        _path_loss(model, batch, path).backward()
+        model.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return {"step_s": sum(times[1:]) / steps, "peak_bytes": _peak_since(base),
+            "tokens": batch["input_ids"].numel()}
+
+
+def measure_head(shape: str, path: str, preset_name: str, stage: str, steps: int) -> dict:
+    """Seconds and peak memory of the loss path alone: final norm, head, cross-entropy and their backward. The
+    peak leaves out the head's weight gradient (when the stage trains the head), which every path needs."""
+    from monovl.model.decoder import RMSNorm
+    from monovl.model.head_loss import head_loss
+    from monovl.train.freeze import STAGES
+
+    cfg = _config(preset_name)
+    d, v = cfg.llm.hidden_size, cfg.llm.vocab_size
+    norm, head = RMSNorm(d, cfg.llm.rms_norm_eps), torch.nn.Linear(d, v, bias=False)
+    torch.nn.init.normal_(head.weight, 0, 0.02)
+    head.weight.requires_grad_(any(fnmatch.fnmatch("language_model.output.weight", p) for p in STAGES[stage]))
+    labels = shape_batch(cfg, shape)["labels"]
+    x = torch.randn(1, labels.shape[1], d, requires_grad=True)  # (1, T, D)
+    base, times = _rss_bytes(), []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        if path == "labelled":
+            loss = head_loss(x, labels, norm, head)
+        else:
+            loss = F.cross_entropy(head(norm(x))[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
+        loss.backward()
+        x.grad = head.weight.grad = None
+        times.append(time.perf_counter() - t0)
+    weight_grad = head.weight.numel() * 4 if head.weight.requires_grad else 0  # needed by any loss path
+    return {"head_s": sum(times[1:]) / steps, "head_peak_bytes": _peak_since(base) - weight_grad}
+
+
+def _component(name: str) -> str | None:
+    """The part of the step a module belongs to, for `profile_step`."""
+    if name in ("vision_model", "mlp1"):
+        return "vision (patch embedding, mlp1)"
+    if name.endswith((".attention.wqkv", ".attention.wo", ".attention_ve.wqkv", ".attention_ve.wo")):
+        return "attention projections"
+    if name.endswith((".feed_forward", ".feed_forward_ve")):
+        return "FFN experts"
+    if name.endswith(("attention_norm", "ffn_norm")):
+        return "RMSNorms in the layers"
+    if name in ("language_model.model.norm", "language_model.output", "language_model.lm_head"):
+        return "head (final norm, output; labelled rows)"
+    return None
+
+
+def profile_step(model, batch: dict, optimizer) -> dict[str, float]:
+    """Seconds per part of one step (labelled loss, backward, optimizer step), from module hooks: forward between
+    pre- and post-hook, backward between backward pre-hook and backward hook (autograd runs them in order on
+    CPU). Attention itself (rope, softmax), the routing gathers and the vision part's backward (its input needs
+    no gradient, so its hooks fire together) are the rest of `step`."""
+    from monovl.train import loss
+
+    times, started, hooks = {}, {}, []
+
+    def timer(part: str, key: str, start: bool):
+        def hook(*_):
+            if start:
+                started[key] = time.perf_counter()
+            else:
+                times[part] = times.get(part, 0.0) + time.perf_counter() - started.pop(key)
+        return hook
+
+    modules = [(n, m, _component(n)) for n, m in model.named_modules()]
+    for name, m, part in [(n, m, p) for n, m, p in modules if p is not None]:
+        hooks += [m.register_forward_pre_hook(timer(part, name, True)),
+                  m.register_forward_hook(timer(part, name, False)),
+                  m.register_full_backward_pre_hook(timer(part, name + "/b", True)),
+                  m.register_full_backward_hook(timer(part, name + "/b", False))]
+    try:
+        t0 = time.perf_counter()
+        loss(model, batch).backward()
+        t1 = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times["optimizer (AdamW)"], times["step"] = time.perf_counter() - t1, t1 - t0
+    finally:
+        for h in hooks:
+            h.remove()
+    return times
+
+
+def profile_main(args) -> int:
+    """`--profile`: the split of one S2-shaped step (labelled loss, backward, AdamW) after a warm-up step."""
+    from monovl.scratch import random_model
+    from monovl.train.freeze import freeze, param_groups
+
+    cfg = _config(args.preset, args.layers)
+    model = freeze(random_model(cfg).train(), args.stage)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-6)
+    batch = shape_batch(cfg, "s2")
+    with warnings.catch_warnings():  # the vision part's input needs no gradient: said above, not an error
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        profile_step(model, batch, optimizer)  # warm-up: allocations, optimizer state
+        times = profile_step(model, batch, optimizer)
+    total = times["step"] + times["optimizer (AdamW)"]
+    print(f"{args.preset}, {args.layers} layers, stage {args.stage}, S2 shape, fp32: step {total:.2f} s "
+          "(forward + backward, then the optimizer)")
+    rest = times["step"] - sum(v for k, v in times.items() if k not in ("step", "optimizer (AdamW)"))
+    for part, sec in sorted([*times.items(), ("rest: attention core, rope, routing, embeddings, loss", rest)],
+                            key=lambda kv: -kv[1]):
+        if part != "step":
+            print(f"  {part:55s} {sec:7.2f} s {sec / total:6.1%}")
+    return 0
+
+
+def _child(args, kind: str, shape: str, path: str) -> dict:
+    cmd = [sys.executable, "-m", "monovl.train.memory_shapes", kind, shape, path, args.preset, str(args.layers),
+           args.stage, str(args.steps)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(args) -> int:
+    """Every (shape, path) step and loss path in a fresh process; a table with ratios to the `dense` path."""
+    print(f"{args.preset}, {args.layers} layers, stage {args.stage}, fp32, {torch.get_num_threads()} threads, "
+          f"forward + loss + backward, mean of {args.steps} step(s) after a warm-up")
+    for shape in SHAPES if args.shape == "both" else [args.shape]:
+        rows = {}
+        for path in PATHS:
+            rows[path] = _child(args, "step", shape, path)
+            head_path = "full" if path == "dense" else path
+            rows[path] |= _child(args, "head", shape, head_path)
+            r = rows[path]
+            print(f"{shape:5s} {path:9s} {r['tokens'] / r['step_s']:8.1f} tokens/s ({r['step_s']:6.2f} s/step, "
+                  f"{rows['dense']['step_s'] / r['step_s']:4.2f}x dense) | peak {r['peak_bytes'] / 2**30:6.2f} GiB | "
+                  f"loss path {r['head_s']:5.2f} s = {r['head_s'] / r['step_s']:5.1%} of the step, peak "
+                  f"{r['head_peak_bytes'] / 2**30:5.2f} GiB", flush=True)
+        ratio = rows["labelled"]["head_peak_bytes"] / rows["full"]["head_peak_bytes"]
+        print(f"{shape:5s} loss-path peak memory, labelled / full: {ratio:.3f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    kind, shape_, path_, preset_, layers_, stage_, steps_ = sys.argv[1:8]
+    if kind == "step":
+        result = measure_step(shape_, path_, preset_, int(layers_), stage_, int(steps_))
+    else:
+        result = measure_head(shape_, path_, preset_, stage_, int(steps_))
+    print(json.dumps(result))
