@@ -36,7 +36,8 @@ def measure(stage: str, preset_name: str, layers: int, batch: int, seq_len: int,
     from monovl.config import preset
     from monovl.scratch import random_model
     from monovl.train.freeze import freeze, param_groups
-    from monovl.train.loop import SyntheticData, loss_sum
+    from monovl.train.loop import SyntheticData
+    from monovl.train.objective import loss
     from monovl.train.parallel import apply_ac
     from monovl.train.recipe import TrainConfig
 
@@ -55,8 +56,8 @@ def measure(stage: str, preset_name: str, layers: int, batch: int, seq_len: int,
     for _ in range(steps + 1):  # the first step (allocation, warm-up) is not timed
         b = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in next(data).items()}
         t0 = time.perf_counter()
-        loss = loss_sum(model, b, autocast) / (b["labels"][:, 1:] != -100).sum()
-        loss.backward()
+        mean = loss(model, b, autocast) / (b["labels"][:, 1:] != -100).sum()
+        mean.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if dev.type == "cuda":
