@@ -23,10 +23,11 @@ def __getattr__(name: str):
     return getattr(importlib.import_module(_EXPORTS[name]), name)
 
 
-def load(path=None, dtype=None, device=None):
-    """(model, tokenizer) from a release-format folder; without `path`, the tiny model shipped with monovl."""
+def load(path=None, dtype=None, device=None, quantize=None):
+    """(model, tokenizer) from a release-format folder; without `path`, the tiny model shipped with monovl.
+    `quantize="int8"`: weight-only int8 linears, head and embeddings (activations stay in `dtype`)."""
     from monovl.checkpoint import load_model, model_dir
     from monovl.tokenizer import Tokenizer
 
     path = model_dir(path)
-    return load_model(path, dtype=dtype, device=device), Tokenizer.from_dir(path)
+    return load_model(path, dtype=dtype, device=device, quantize=quantize), Tokenizer.from_dir(path)

@@ -17,6 +17,7 @@ from torch import nn
 
 from monovl.config import ModelConfig, from_hf_config, to_hf_config
 from monovl.model import MonoInternVL
+from monovl.model import quant
 
 log = logging.getLogger(__name__)
 INDEX = "model.safetensors.index.json"
@@ -101,11 +102,15 @@ def _expert_hint(cfg: ModelConfig, missing: list[str], unexpected: list[str]) ->
     return ""
 
 
-def load_model(path, *, dtype: torch.dtype | None = None, device=None, image_token_id: int | None = None):
+def load_model(path, *, dtype: torch.dtype | None = None, device=None, image_token_id: int | None = None,
+               quantize: str | None = None):
     """Load a release-format folder (InternVLChatModel), or a plain LLM folder (InternLM2/Qwen2/Qwen3/Llama
-    *ForCausalLM) as the text part."""
+    *ForCausalLM) as the text part. `quantize="int8"`: weight-only int8 (`monovl.model.quant`); a checkpoint
+    saved quantized loads quantized as its config.json says (asking for another quantization is an error)."""
     path = Path(path)
     cfg = read_config(path)
+    if cfg.quantization is not None and quantize not in (None, cfg.quantization):
+        raise CheckpointError(f"{path} is stored quantized ({cfg.quantization}); it cannot load as {quantize!r}")
     device = torch.device(device or "cpu")
     dtype = dtype or default_dtype(device)
     if image_token_id is None and cfg.vision is not None:
@@ -118,10 +123,34 @@ def load_model(path, *, dtype: torch.dtype | None = None, device=None, image_tok
     cfg.image_token_id = image_token_id
     with torch.device("meta"):
         model = MonoInternVL(cfg)
-    params = {_file_key(cfg, n): n for n, _ in model.named_parameters()}  # a tied head is not listed
-    tied = cfg.llm.tie_word_embeddings
+    if cfg.quantization is not None:
+        quant.empty_quantized(model, cfg.quantization, quant.pick_backend(device), dtype)
+    _read_weights(model, path, dtype, device)
+    model.language_model.tie_weights()
+    log.info("loaded %s (%s, %s%s)", path, cfg.architecture, dtype, f", {cfg.quantization}" * bool(cfg.quantization))
+    if quantize is not None and cfg.quantization is None:
+        quant.quantize(model, quantize)
+        cfg.quantization = quantize
+    return model.eval()
+
+
+def _expected_tensors(model: MonoInternVL) -> dict[str, str]:
+    """File key → our name, for the parameters and the int8 modules' tensors (weight, weight_scale, bias)."""
+    cfg = model.cfg
+    names = [n for n, _ in model.named_parameters()]  # a tied head is not listed
+    for m in quant.quantized_names(model):
+        module = model.get_submodule(m)
+        names += [f"{m}.{a}" for a in ("weight", "weight_scale", "bias") if getattr(module, a, None) is not None]
+    return {_file_key(cfg, n): n for n in names}
+
+
+def _read_weights(model: MonoInternVL, path: Path, dtype: torch.dtype, device: torch.device) -> None:
+    cfg = model.cfg
+    params = _expected_tensors(model)
+    quantized = set(quant.quantized_names(model))
+    tied = cfg.llm.tie_word_embeddings and cfg.quantization is None
     tied_head = {_file_key(cfg, f"{LLM_PREFIX}{n}.weight") for n in ("lm_head", "output") if tied}
-    seen, unexpected, problems = set(), [], []
+    seen, unexpected, problems, int8 = set(), [], [], {}
     for file in _weight_files(path):
         try:
             handle = safe_open(file, framework="pt", device="cpu")
@@ -134,29 +163,63 @@ def load_model(path, *, dtype: torch.dtype | None = None, device=None, image_tok
                         unexpected.append(key)
                     continue
                 name = params[key]
-                want = tuple(model.get_parameter(name).shape)
+                module_name, _, attr = name.rpartition(".")
+                want = tuple(getattr(model.get_submodule(module_name), attr).shape)
                 got = tuple(f.get_slice(key).get_shape())
                 if got != want:
                     problems.append(f"{key}: shape {got} in {file.name}, expected {want}")
                     continue
-                _assign(model, name, f.get_tensor(key).to(device=device, dtype=dtype))
+                tensor = f.get_tensor(key)
+                if module_name in quantized and attr != "bias":
+                    if (tensor.dtype == torch.int8) != (attr == "weight"):
+                        problems.append(f"{key}: dtype {_dtype_name(tensor.dtype)} in {file.name}, expected "
+                                        f"{'int8' if attr == 'weight' else 'a float scale'}")
+                        continue
+                    int8.setdefault(module_name, {})[attr] = tensor.to(device=device, dtype=torch.int8
+                                                                       if attr == "weight" else torch.float32)
+                else:
+                    _assign(model, name, tensor.to(device=device, dtype=dtype))
                 seen.add(key)
     missing = sorted(set(params) - seen - {p.split(":")[0] for p in problems})
     if missing or unexpected or problems:
-        parts = [f"wrong shape: {'; '.join(problems)}"] if problems else []
-        parts += [f"missing key(s): {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}"] if missing else []
-        parts += [f"unexpected key(s): {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}"] \
-            if unexpected else []
-        raise CheckpointError(f"{path}: " + "; ".join(parts) + _expert_hint(cfg, missing, unexpected))
-    model.language_model.tie_weights()
-    log.info("loaded %s (%s, %d tensors, %s)", path, cfg.architecture, len(seen), dtype)
-    return model.eval()
+        raise CheckpointError(_mismatch(cfg, path, missing, unexpected, problems))
+    for module_name, tensors in int8.items():
+        model.get_submodule(module_name).set_int8(tensors["weight"], tensors["weight_scale"])
+
+
+def _mismatch(cfg: ModelConfig, path: Path, missing: list[str], unexpected: list[str], problems: list[str]) -> str:
+    parts = [f"wrong shape or dtype: {'; '.join(problems)}"] if problems else []
+    parts += [f"missing key(s): {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}"] if missing else []
+    parts += [f"unexpected key(s): {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}"] \
+        if unexpected else []
+    hint = _expert_hint(cfg, missing, [k for k in unexpected if not k.endswith(".weight_scale")])
+    if cfg.quantization is None and any(k.endswith(".weight_scale") for k in unexpected):
+        hint += " — the weights carry int8 scales (*.weight_scale) but config.json has no quantization_config"
+    elif cfg.quantization is not None and any(k.endswith(".weight_scale") for k in missing):
+        hint += (f" — config.json says the weights are {cfg.quantization} but the files lack their scales "
+                 "(*.weight_scale): a float checkpoint with a copied config?")
+    return f"{path}: " + "; ".join(parts) + hint
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
-    setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+    if attr in module._buffers:
+        setattr(module, attr, tensor)
+    else:
+        setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+
+
+def _int8_tensors(model: MonoInternVL) -> dict[str, torch.Tensor]:
+    """File key → tensor of each int8 module: `weight` (N, K) int8, `weight_scale` (N,) fp32, `bias` (in float)."""
+    out = {}
+    for m in quant.quantized_names(model):
+        module = model.get_submodule(m)
+        out[_file_key(model.cfg, f"{m}.weight")] = module.int8_weight()
+        out[_file_key(model.cfg, f"{m}.weight_scale")] = module.weight_scale
+        if getattr(module, "bias", None) is not None:
+            out[_file_key(model.cfg, f"{m}.bias")] = module.bias
+    return out
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -171,9 +234,11 @@ def save_model(model: MonoInternVL, path, *, dtype: torch.dtype | None = None, m
     cfg = model.cfg
     tensors = {_file_key(cfg, n): p.detach() for n, p in model.named_parameters()}
     dtype = dtype or next(iter(tensors.values())).dtype
+    kept = _int8_tensors(model)  # stored as they are: int8 weights, fp32 scales
+    tensors.update(kept)
     shards, size = [[]], 0
     for key, t in tensors.items():
-        nbytes = t.numel() * dtype.itemsize
+        nbytes = t.numel() * (t.dtype if key in kept else dtype).itemsize
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -182,10 +247,11 @@ def save_model(model: MonoInternVL, path, *, dtype: torch.dtype | None = None, m
     names = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, keys in zip(names, shards):
-        part = {k: tensors[k].to(device="cpu", dtype=dtype).contiguous() for k in keys}
+        part = {k: tensors[k].to(device="cpu", dtype=None if k in kept else dtype).contiguous() for k in keys}
         save_file(part, str(path / name), metadata={"format": "pt"})
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * dtype.itemsize for t in tensors.values())},
+        total = sum(t.numel() * (t.dtype if k in kept else dtype).itemsize for k, t in tensors.items())
+        index = {"metadata": {"total_size": total},
                  "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
         (path / INDEX).write_text(json.dumps(index, indent=2))
     elif (path / INDEX).exists():

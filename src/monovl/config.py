@@ -70,6 +70,7 @@ class ModelConfig:
     image_token_id: int | None = None  # id of <IMG_CONTEXT>; read from the tokenizer files on load
     hf: dict = field(default_factory=dict, repr=False)  # the config.json this came from, if any
     generation: dict | None = field(default=None, repr=False)  # generation_config.json, if any
+    quantization: str | None = None  # "int8": the weights are stored quantized (`monovl.model.quant`)
 
     @property
     def num_image_token(self) -> int:
@@ -186,8 +187,22 @@ def _llm_family(arch: str) -> str:
     return "internlm2" if arch == "InternLM2VEForCausalLM" else _FAMILY_OF[arch]
 
 
+QUANT_METHOD = "monovl-int8"  # `quantization_config.quant_method` of checkpoints written quantized
+
+
 def from_hf_config(d: dict) -> ModelConfig:
     """Map a Hugging Face `config.json` dict (InternVLChatModel or a supported *ForCausalLM) to a ModelConfig."""
+    cfg = _from_hf_config(d)
+    q = d.get("quantization_config")
+    if q is not None:
+        if not isinstance(q, dict) or q.get("quant_method") != QUANT_METHOD or q.get("bits") != 8:
+            raise ValueError(f"quantization_config {q!r} is not one monovl reads (quant_method {QUANT_METHOD!r}, "
+                             "bits 8)")
+        cfg.quantization = "int8"
+    return cfg
+
+
+def _from_hf_config(d: dict) -> ModelConfig:
     arch = (d.get("architectures") or ["<none>"])[0]
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {arch!r} in config.json; monovl supports "
@@ -246,6 +261,10 @@ def _family_llm_to_hf(c: LLMConfig, d: dict) -> dict:
 def to_hf_config(cfg: ModelConfig, torch_dtype: str | None = None) -> dict:
     """The `config.json` dict: the original fields, updated with this config's values."""
     d = copy.deepcopy(cfg.hf)
+    d.pop("quantization_config", None)
+    if cfg.quantization is not None:
+        d["quantization_config"] = {"quant_method": QUANT_METHOD, "bits": 8, "symmetric": True,
+                                    "granularity": "per_output_channel", "scales": "<name>.weight_scale"}
     if cfg.vision is None:
         arch = "InternLM2VEForCausalLM" if cfg.llm.visual_ffn_experts else cfg.architecture
         d = _llm_to_hf(cfg.llm, d, arch)

@@ -17,6 +17,8 @@ def add_model_args(p: argparse.ArgumentParser, *, required: bool = False, defaul
         p.add_argument("--model", help=default_help or "checkpoint folder (default: the shipped tiny model)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", help="torch device, e.g. cuda:0 (default: cpu)")
+    p.add_argument("--quantize", choices=["int8"], help="weight-only int8 (per-output-channel) for the decoder's "
+                   "linears, head and embeddings; activations stay in --dtype (default: none)")
 
 
 def number(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False):

@@ -42,7 +42,7 @@ def cmd_chat(args) -> int:
     from monovl.checkpoint import parse_dtype
     from monovl.conversation import Conversation
 
-    model, tokenizer = load(args.model, dtype=parse_dtype(args.dtype), device=args.device)
+    model, tokenizer = load(args.model, dtype=parse_dtype(args.dtype), device=args.device, quantize=args.quantize)
 
     def new_conversation():
         return Conversation(model, tokenizer, system=args.system, max_tiles=args.max_tiles,

@@ -31,7 +31,7 @@ def _runs(args):
     from monovl.checkpoint import parse_dtype
     from monovl.eval.run import evaluate
 
-    model, tokenizer = load(args.model, dtype=parse_dtype(args.dtype), device=args.device)
+    model, tokenizer = load(args.model, dtype=parse_dtype(args.dtype), device=args.device, quantize=args.quantize)
     return [(b, lambda b=b: evaluate(model, tokenizer, b, judge=_judge(args, b), batch_size=args.batch_size,
                                      max_tiles=args.max_tiles, max_new_tokens=args.max_new_tokens, **common))
             for b in args.bench]

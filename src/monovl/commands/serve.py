@@ -20,7 +20,7 @@ def cmd_serve(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load(args.model, dtype=parse_dtype(args.dtype), device=args.device)
+    model, tokenizer = load(args.model, dtype=parse_dtype(args.dtype), device=args.device, quantize=args.quantize)
     max_len = args.max_len or min(model.cfg.llm.max_position_embeddings, 4096)
     engine = Engine(model, max_batch=args.max_batch, max_len=max_len, max_queue=args.max_queue,
                     prefill_chunk=args.prefill_chunk).start()

@@ -324,7 +324,7 @@ class CausalLM(nn.Module):
 
     def tie_weights(self) -> None:
         """With `tie_word_embeddings`, make the head share the embedding matrix (again, after loading)."""
-        if self.cfg.tie_word_embeddings:
+        if self.cfg.tie_word_embeddings and isinstance(self.head, nn.Linear):  # an int8 head keeps its own copy
             self.head.weight = self.embed_tokens.weight
 
     def forward(self, x: torch.Tensor, visual_mask: torch.Tensor | None = None, *, input_pos=None,

@@ -58,5 +58,5 @@ class MonoInternVL(nn.Module):
                                    dense=dense, cache_rows=cache_rows, labels=labels, loss_chunk=loss_chunk)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        p = self.language_model.head.weight
+        p = self.language_model.model.norm.weight  # float, also when the linears are int8
         return KVCache(self.cfg.llm, batch, max_len, p.dtype, p.device)
