@@ -107,6 +107,8 @@ def load_model(path, *, dtype: torch.dtype | None = None, device=None, image_tok
     """Load a release-format folder (InternVLChatModel), or a plain LLM folder (InternLM2/Qwen2/Qwen3/Llama
     *ForCausalLM) as the text part. `quantize="int8"`: weight-only int8 (`monovl.model.quant`); a checkpoint
     saved quantized loads quantized as its config.json says (asking for another quantization is an error)."""
+    if quantize is not None and quantize not in quant.METHODS:
+        raise ValueError(f"unknown quantization {quantize!r} (known: {', '.join(quant.METHODS)})")
     path = Path(path)
     cfg = read_config(path)
     if cfg.quantization is not None and quantize not in (None, cfg.quantization):

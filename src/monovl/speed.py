@@ -1,4 +1,4 @@
-"""`monovl bench`: prefill/decode speed against this machine's GEMM peak and copy bandwidth, in one run.
+"""`monovl bench`: prefill/decode speed against this machine's GEMM peak and read bandwidth, in one run.
 
 Also times the official "dense blend" route (both experts on every token, logits for every position) on
 the same weights and prompt, so the routed path's gain is a ratio measured side by side.
@@ -29,12 +29,12 @@ def gemm_peak_gflops(n: int = 2048, repeat: int = 5, dtype=torch.float32, device
     return 2 * n**3 / _best(lambda: (a @ b, _sync()), repeat) / 1e9
 
 
-def copy_bandwidth_gbs(mbytes: int = 512, repeat: int = 5, device="cpu") -> float:
-    """STREAM-style copy: bytes read + bytes written per second."""
-    src = torch.ones(mbytes * 2**20 // 4, device=device)
-    dst = torch.zeros_like(src)  # touched, so page faults stay out of the timing
+def read_bandwidth_gbs(gib: float = 1.0, repeat: int = 3, device="cpu") -> float:
+    """Streaming read of a `gib` GiB fp32 tensor (`sum`): the bytes a decode step must read, per second — the
+    roofline that decode is reported against (a copy also writes, a GEMV also computes)."""
+    src = torch.ones(int(gib * 2**30) // 4, device=device)
     _sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    return 2 * src.numel() * 4 / _best(lambda: (dst.copy_(src), _sync()), repeat) / 1e9
+    return src.numel() * 4 / _best(lambda: (src.sum(), _sync()), repeat) / 1e9
 
 
 @dataclass
@@ -44,7 +44,10 @@ class Flops:
     decode_bytes: float  # bytes read per decode step (text weights + KV cache)
 
 
-def count(model: MonoInternVL, n_text: int, num_visual: int, tiles: int, decode_kv: int) -> Flops:
+def count(model: MonoInternVL, n_text: int, num_visual: int, tiles: int, decode_kv: int,
+          weight_bytes: float = 4.0) -> Flops:
+    """FLOPs of the routed prefill and the dense blend; bytes a decode step reads (text weights at
+    `weight_bytes` each — 1 for int8 —, the KV cache in the model's float dtype)."""
     c, t = model.cfg.llm, n_text + num_visual
     d, hd = c.hidden_size, c.head_dim
     attn_params = d * (c.num_heads + 2 * c.num_kv_heads) * hd + c.num_heads * hd * d
@@ -61,59 +64,114 @@ def count(model: MonoInternVL, n_text: int, num_visual: int, tiles: int, decode_
     dense = prefill + c.num_layers * 2 * t * ffn_params * (1 if c.visual_ffn_experts else 0) + head * (t - 1)
     if c.visual_attention_experts:
         dense += c.num_layers * 2 * t * attn_params
-    bytes_per = model.language_model.head.weight.element_size()
-    weights = c.num_layers * (attn_params + ffn_params + 2 * d) + d + c.vocab_size * d + d
+    float_bytes = model.language_model.model.norm.weight.element_size()
+    weights = c.num_layers * (attn_params + ffn_params) + c.vocab_size * d  # linears and head
+    small = c.num_layers * 2 * d + 2 * d  # norms, one embedding row
     kv = c.num_layers * 2 * c.num_kv_heads * hd * decode_kv
-    return Flops(prefill, dense, (weights + kv) * bytes_per)
+    return Flops(prefill, dense, weights * weight_bytes + (small + kv) * float_bytes)
+
+
+def bench_prompt(model: MonoInternVL, tiles: int, text_tokens: int, seed: int = 0):
+    """A synthetic prompt: 4 text tokens, `tiles` tiles of random pixels, the rest text → (ids (1, T), pixels)."""
+    p = model.language_model.model.norm.weight
+    num_visual = model.cfg.num_image_token * tiles if model.cfg.vision is not None and tiles else 0
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(3, min(model.cfg.llm.vocab_size, 90000), (text_tokens,), generator=g)
+    visual = torch.full((num_visual,), model.cfg.image_token_id if num_visual else 0)
+    ids = torch.cat([text[:4], visual, text[4:]])[None].to(p.device)  # (1, T)
+    size = model.cfg.vision.image_size if num_visual else 0
+    pv = torch.randn(tiles, 3, size, size, generator=g).to(p.device, p.dtype) if num_visual else None
+    return ids, pv
+
+
+class _Route:
+    """One model's timed steps on the bench prompt: prefill (TTFT), decode, and a follow-up turn of `extra` text
+    tokens prefilled after the KV of turn 1 (prompt + answer), i.e. with the prefix reused."""
+
+    def __init__(self, model, ids, pv, decode_tokens: int, extra: int):
+        self.model, self.ids, self.pv, self.n, self.extra = model, ids, pv, decode_tokens, extra
+        self.device = ids.device
+        self.sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        self.t = ids.shape[1]
+        self.cache = model.new_cache(1, self.t + decode_tokens + extra + 1)
+        self.turn2_ids = bench_prompt(model, 0, extra, seed=1)[0]  # (1, extra) text tokens
+
+    def _prefill(self, ids, pv, start: int):
+        pos = torch.arange(start, start + ids.shape[1], device=self.device)[None]
+        last = torch.tensor([ids.shape[1] - 1], device=self.device)
+        tok = generation.prefill(self.model, generation.embed_prompt(self.model, ids, pv), self.cache, pos, last)
+        tok = tok.argmax(-1)
+        self.sync()
+        return tok
+
+    def prefill(self):
+        return self._prefill(self.ids, self.pv, 0)
+
+    def decode(self, tok):
+        for i in range(self.n):
+            pos = torch.tensor([self.t + i], device=self.device)
+            tok = generation.decode_one_token(self.model, tok, pos, self.cache).argmax(-1)
+        self.sync()
+
+    def turn2(self):
+        return self._prefill(self.turn2_ids, None, self.t + self.n)
+
+
+def _timed(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
 
 
 def run_bench(model: MonoInternVL, *, tiles: int = 1, text_tokens: int = 32, decode_tokens: int = 16,
-              repeat: int = 3, dense: bool = True) -> dict:
-    """Time prefill (TTFT), decode and the dense blend on a synthetic prompt; return the figures."""
-    p = model.language_model.head.weight
-    device, dtype = p.device, p.dtype
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    img = model.cfg.image_token_id
-    num_visual = model.cfg.num_image_token * tiles if model.cfg.vision is not None and tiles else 0
-    g = torch.Generator().manual_seed(0)
-    text = torch.randint(3, min(model.cfg.llm.vocab_size, 90000), (text_tokens,), generator=g)
-    visual = torch.full((num_visual,), img if num_visual else 0)
-    ids = torch.cat([text[:4], visual, text[4:]])[None].to(device)  # (1, T)
-    pv = torch.randn(tiles, 3, model.cfg.vision.image_size, model.cfg.vision.image_size, generator=g).to(
-        device, dtype) if num_visual else None
-    t = ids.shape[1]
-    cache = model.new_cache(1, t + decode_tokens + 1)
-    pos = torch.arange(t, device=device)[None]
-    last = torch.tensor([t - 1], device=device)
+              repeat: int = 3, dense: bool = True, quantized: MonoInternVL | None = None) -> dict:
+    """Time prefill (TTFT), decode, a reused-prefix turn 2, the dense blend and, given `quantized` (the same
+    weights in int8), its TTFT and decode, on one synthetic prompt; rounds interleave the routes so that all see
+    the same machine noise, and the best round of each counts. Times in seconds."""
+    ids, pv = bench_prompt(model, tiles, text_tokens)
+    routes = {"": _Route(model, ids, pv, decode_tokens, text_tokens)}
+    if quantized is not None:
+        routes["_int8"] = _Route(quantized, ids, pv, decode_tokens, text_tokens)
+    best: dict[str, float] = {}
 
-    def prefill():
-        tok = generation.prefill(model, generation.embed_prompt(model, ids, pv), cache, pos, last).argmax(-1)
-        sync()
-        return tok
+    def keep(key, seconds):
+        best[key] = min(best.get(key, float("inf")), seconds)
 
-    def decode(tok):
-        for i in range(decode_tokens):
-            tok = generation.decode_one_token(model, tok, torch.tensor([t + i], device=device), cache).argmax(-1)
-        sync()
-
-    def dense_blend():
-        model(ids, pv, dense=True)
-        sync()
-
-    # Rounds interleave the routes so that both see the same machine noise; the best round of each counts.
-    ttft = decode_s = dense_s = float("inf")
     with torch.inference_mode():
-        prefill()  # warm-up
+        for r in routes.values():
+            r.prefill()  # warm-up
         for _ in range(repeat):
-            start = time.perf_counter()
-            tok = prefill()
-            ttft = min(ttft, time.perf_counter() - start)
-            decode_s = min(decode_s, _best(lambda: decode(tok), 1) / max(decode_tokens, 1))
+            for suffix, r in routes.items():
+                start = time.perf_counter()
+                tok = r.prefill()
+                keep("ttft_s" + suffix, time.perf_counter() - start)
+                keep("decode_s" + suffix, _timed(r.decode, tok) / max(decode_tokens, 1))
+                if not suffix:
+                    keep("turn2_ttft_s", _timed(r.turn2))
             if dense:
-                dense_s = min(dense_s, _best(dense_blend, 1))
-    f = count(model, text_tokens, num_visual, tiles, t + decode_tokens // 2)
-    dense_s = dense_s if dense else float("nan")
-    return dict(tokens=t, visual_tokens=num_visual, ttft_s=ttft, prefill_tok_s=t / ttft,
-                prefill_gflops=f.prefill / ttft / 1e9, decode_tok_s=1 / decode_s,
-                decode_gbs=f.decode_bytes / decode_s / 1e9, dense_ttft_s=dense_s,
-                dense_gflops=f.dense / dense_s / 1e9, dense_over_routed=dense_s / ttft)
+                keep("dense_ttft_s", _timed(lambda: (model(ids, pv, dense=True), routes[""].sync())))
+    num_visual = ids.shape[1] - text_tokens
+    f = count(model, text_tokens, num_visual, tiles, ids.shape[1] + decode_tokens // 2)
+    out = dict(tokens=ids.shape[1], visual_tokens=num_visual, prefill_gflops=f.prefill / best["ttft_s"] / 1e9,
+               decode_tok_s=1 / best["decode_s"], decode_gbs=f.decode_bytes / best["decode_s"] / 1e9,
+               decode_bytes=f.decode_bytes, **best)
+    if dense:
+        out.update(dense_gflops=f.dense / best["dense_ttft_s"] / 1e9,
+                   dense_over_routed=best["dense_ttft_s"] / best["ttft_s"])
+    if quantized is not None:
+        f8 = count(model, text_tokens, num_visual, tiles, ids.shape[1] + decode_tokens // 2, weight_bytes=1.0)
+        out.update(decode_tok_s_int8=1 / best["decode_s_int8"], decode_bytes_int8=f8.decode_bytes,
+                   decode_gbs_int8=f8.decode_bytes / best["decode_s_int8"] / 1e9)
+    return out
+
+
+def token_agreement(reference: MonoInternVL, model: MonoInternVL, ids: torch.Tensor, pixel_values=None,
+                    n: int = 64) -> float:
+    """Share of `reference`'s n greedy tokens (no stop) that `model` predicts too, each given the same prefix
+    (the reference's tokens so far): a per-token agreement that one early difference cannot cascade into."""
+    with torch.inference_mode():
+        new = generation.generate(reference, ids, pixel_values, max_new_tokens=n)  # (1, n)
+        full = torch.cat([ids, new[:, :-1]], dim=1)  # (1, T + n - 1)
+        t = ids.shape[1]
+        logits = model(full, pixel_values)[:, t - 1:]  # (1, n, V): the predictions of the n new tokens
+    return float((logits.argmax(-1) == new).float().mean())

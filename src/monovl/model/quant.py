@@ -10,14 +10,15 @@ Two PyTorch kernels compute it:
   whose build vectorises it (AVX-512). On an AVX2 CPU it runs a scalar loop, measured 3-5× slower than an fp32
   GEMV here.
 - `fbgemm` (x86 CPUs without AVX-512): fbgemm's int8 GEMM (`quantized::linear_dynamic`) fed with activations that
-  are split exactly into two 7-bit integer rows each, x ≈ a · (hi + lo / 128) with a = max|x| / 63 per row,
+  are split exactly into two 7-bit integer rows each, x ≈ a · (hi + lo / 126) with a = max|x| / 63 per row,
   plus one row holding -64 and 63 so that fbgemm's per-tensor input scale is exactly 1 (zero point 64) and
-  quantizes the integers without loss. The result a · (y_hi + y_lo / 128) equals the reference to ~2e-4 of
+  quantizes the integers without loss. The result a · (y_hi + y_lo / 126) equals the reference to ~2e-4 of
   its largest value (activations carried at ~14 bits; int32 accumulation is exact), and the weights are read
   once per call.
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -45,13 +46,12 @@ def pick_backend(device: torch.device) -> str:
 
 
 def _split_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) float → (rows (2M + 1, K) fp32 holding integers in [-64, 63], a (M, 1)): x ≈ a (hi + lo / 128)."""
-    x = x.float()
-    a = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 63  # (M, 1)
-    scaled = x / a
-    hi = torch.round(scaled).clamp(-64, 63)  # |scaled| ≤ 63
-    lo = torch.round((scaled - hi) * 128).clamp(-64, 63)
-    edge = torch.zeros(1, x.shape[1], dtype=x.dtype, device=x.device)
+    """x (M, K) → (rows (2M + 1, K) fp32 of integers in [-64, 63], a (M, 1)): x ≈ a · (hi + lo / 126)."""
+    a = x.float().abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 63  # (M, 1)
+    scaled = x / a  # |scaled| ≤ 63
+    hi = scaled.round()
+    lo = (scaled - hi).mul_(126).round_()  # |lo| ≤ 63
+    edge = torch.zeros(1, x.shape[1], dtype=torch.float32, device=x.device)
     edge[0, 0], edge[0, -1] = -64, 63  # fixes fbgemm's per-tensor input range to [-64, 63]: scale 1, zero point 64
     return torch.cat([hi, lo, edge]), a
 
@@ -101,7 +101,7 @@ class QuantLinear(nn.Module):
             rows, a = _split_rows(flat)
             y = torch.ops.quantized.linear_dynamic(rows, self._packed, True)  # (2M + 1, N)
             m = flat.shape[0]
-            y = ((y[:m] + y[m: 2 * m] / 128) * a).to(x.dtype)
+            y = torch.add(y[:m], y[m: 2 * m], alpha=1 / 126).mul_(a).to(x.dtype)
         else:
             y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), self.weight, self.weight_scale.to(x.dtype))
         if self.bias is not None:
@@ -146,6 +146,14 @@ def quantized_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, QUANT_MODULES)]
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the weights as held: parameters, buffers, and fbgemm's packed int8 copies (counted as N·K)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    packed = sum(m.in_features * m.out_features for m in model.modules()
+                 if isinstance(m, QuantLinear) and m._packed is not None)
+    return sum(t.numel() * t.element_size() for t in tensors) + packed
+
+
 def _targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The decoder's linears and embeddings, the output head included; nothing of the vision part."""
     lm = model.language_model if hasattr(model, "language_model") else model
@@ -170,6 +178,13 @@ def quantize(model: nn.Module, method: str = "int8", backend: str | None = None)
     if hasattr(model, "cfg"):
         model.cfg.quantization = method  # so that `save_model` writes a quantized checkpoint
     return model
+
+
+def quantized_copy(model: nn.Module, method: str = "int8", backend: str | None = None) -> nn.Module:
+    """An int8 copy of `model` that shares its float parameters (norms, vision) instead of copying them, so that
+    both fit in memory at once (the benchmark's side-by-side runs); `model` itself is left as it was."""
+    shared = {id(p): p for p in model.parameters()}
+    return quantize(copy.deepcopy(model, memo=shared), method, backend)
 
 
 def empty_quantized(model: nn.Module, method: str = "int8", backend: str = "int8pack",
