@@ -69,11 +69,14 @@ def decode_one_token(model, tokens: torch.Tensor, input_pos: torch.Tensor, cache
 def stream_generate(model, input_ids, pixel_values: torch.Tensor | None = None, *, max_new_tokens: int = 256,
                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
                     stop_token_ids: Sequence[int] | None = None, seed: int | None = None,
-                    pad_token_id: int | None = None) -> Iterator[torch.Tensor]:
+                    pad_token_id: int | None = None, cache=None, cached: int = 0) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,), until all rows stopped or `max_new_tokens`.
 
     `input_ids` is a (B, T) tensor or a list of 1-D id sequences of different lengths; `pixel_values` holds the
     tiles of all images of all rows, in order. A row that has stopped yields `pad_token_id` afterwards.
+    Prefix reuse (one row): `cache` (from `model.new_cache(1, ≥ T + max_new_tokens)`) whose first `cached`
+    positions already hold the keys and values of input_ids[:cached]; only the rest is prefilled, and
+    `pixel_values` then holds the tiles of the images in input_ids[cached:] only.
     """
     rows = _as_rows(input_ids)
     if not rows or any(len(r) == 0 for r in rows):
@@ -95,10 +98,13 @@ def stream_generate(model, input_ids, pixel_values: torch.Tensor | None = None, 
     sample = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                   generator=generator)
 
-    cache = model.new_cache(b, t + max_new_tokens)
-    input_pos = torch.arange(t, device=device).expand(b, t)  # (B, T)
+    if cache is None:
+        cache, cached = model.new_cache(b, t + max_new_tokens), 0
+    elif b != 1 or not 0 <= cached < t or cache.max_len < t + max_new_tokens:
+        raise ValueError(f"a given cache needs one prompt, 0 <= cached < {t} and room for {t + max_new_tokens}")
+    input_pos = torch.arange(cached, t, device=device).expand(b, t - cached)  # (B, T - cached)
     pv = pixel_values.to(device) if pixel_values is not None else None
-    logits = prefill(model, embed_prompt(model, ids, pv), cache, input_pos, lengths - 1)  # (B, V)
+    logits = prefill(model, embed_prompt(model, ids[:, cached:], pv), cache, input_pos, lengths - 1 - cached)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         tok = sample_next(logits, seen, **sample)  # (B,)
