@@ -1,5 +1,7 @@
 """Prefix reuse across turns: the Python `Conversation` keeps its KV cache, and the server's engine keeps the KV
 of finished requests (LRU, bounded); greedy answers equal those without reuse."""
+import queue
+
 import pytest
 import torch
 
@@ -69,3 +71,51 @@ def test_stream_generate_with_a_given_cache_equals_a_full_prefill(shipped):
     assert torch.equal(full, again)
     with pytest.raises(ValueError, match="room"):
         monovl.generate(model, [ids], max_new_tokens=13, cache=cache, cached=10)
+
+
+def _run(engine, prompt, pixels=None, max_tokens=12):
+    from monovl.serve import Request, SamplingParams
+    events = queue.Queue()
+    engine.submit(Request(prompt, pixels, SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                          lambda k, v: events.put((k, v))))
+    toks = []
+    while (event := events.get(timeout=60))[0] == "token":
+        toks.append(event[1])
+    assert event == ("done", "length")
+    return toks
+
+
+def test_the_engine_reuses_a_finished_turn_and_answers_the_same(shipped):
+    from monovl.serve import Engine
+    from monovl.template import Turn, add_image_placeholders
+    model, tokenizer = shipped
+    first = monovl.build_inputs(model, tokenizer, TURNS[0][0], images=TURNS[0][1])
+    engine = Engine(model, max_batch=2, max_len=1024, prefill_chunk=64, prefix_cache_bytes=2**30).start()
+    try:
+        answer = _run(engine, first.input_ids, first.pixel_values)
+        assert engine.prefix.hits == 0 and len(engine.prefix.entries) == 1
+        history = [Turn(add_image_placeholders(TURNS[0][0], 1), tokenizer.decode(answer), tuple(first.num_tiles))]
+        second = monovl.build_inputs(model, tokenizer, TURNS[1][0], history=history)
+        want = monovl.generate(model, [second.input_ids], first.pixel_values, max_new_tokens=12)[0].tolist()
+        assert _run(engine, second.input_ids, first.pixel_values) == want
+        assert engine.prefix.hits == 1 and engine.prefix.tokens_reused >= len(first.input_ids)
+    finally:
+        engine.shutdown()
+
+
+def test_the_prefix_cache_is_lru_and_bounded():
+    from monovl.serve.prefix_cache import PrefixCache
+    kv = lambda n: torch.zeros(2, 1, n, 4)  # noqa: E731  (L, n_kv, n, Dh): 64 bytes per token for k and v
+    cache = PrefixCache(max_bytes=64 * 50, image_token_id=500, tokens_per_tile=4, min_tokens=2)
+    a, b = torch.arange(20), torch.arange(100, 120)
+    cache.insert(a, kv(20), kv(20))
+    cache.insert(b, kv(20), kv(20))
+    assert cache.lookup(torch.cat([a[:10], torch.tensor([7, 7])]))[1] == 10  # a is now the most recent
+    cache.insert(torch.arange(200, 220), kv(20), kv(20))  # over budget: b, the least recent, goes
+    assert cache.nbytes <= 64 * 50 and cache.lookup(torch.cat([b, b]))[0] is None
+    assert cache.lookup(a)[1] == 19  # one token is always left to prefill
+    cache.insert(torch.arange(60), kv(60), kv(60))  # larger than the whole budget: not kept
+    assert cache.nbytes <= 64 * 50
+    image = torch.tensor([1, 2] + [500] * 8 + [3])  # two tiles of 4 image tokens
+    cache.insert(image, kv(11), kv(11))
+    assert cache.lookup(torch.cat([image[:8], torch.tensor([5, 5, 5])]))[1] == 6  # not inside the second tile

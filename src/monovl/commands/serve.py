@@ -23,7 +23,7 @@ def cmd_serve(args) -> int:
     model, tokenizer = load(args.model, dtype=parse_dtype(args.dtype), device=args.device, quantize=args.quantize)
     max_len = args.max_len or min(model.cfg.llm.max_position_embeddings, 4096)
     engine = Engine(model, max_batch=args.max_batch, max_len=max_len, max_queue=args.max_queue,
-                    prefill_chunk=args.prefill_chunk).start()
+                    prefill_chunk=args.prefill_chunk, prefix_cache_bytes=int(args.prefix_cache_mb * 2**20)).start()
     cfg = ServeConfig(model_name=args.served_model_name or Path(args.model).resolve().name, api_key=args.api_key,
                       max_tiles=args.max_tiles, max_images=args.max_images, request_timeout=args.timeout,
                       max_body_bytes=int(args.max_body_mb * 2**20), body_timeout=args.body_timeout,
@@ -51,6 +51,9 @@ def register(subparsers) -> None:
     s.add_argument("--max-len", type=int, help="context per slot (default: min(max positions, 4096))")
     s.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
     s.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per engine step")
+    s.add_argument("--prefix-cache-mb", type=float, default=1024.0,
+                   help="memory for the keys and values of finished requests, reused by follow-up turns that start "
+                        "with them (LRU; 0 turns it off)")
     s.add_argument("--max-tiles", type=int, help="tile budget per image (default: the checkpoint's)")
     s.add_argument("--max-images", type=int, default=8, help="images per request")
     s.add_argument("--allowed-media-dir", help="allow local image paths below this folder (default: none)")

@@ -5,6 +5,9 @@ One `KVCache(cfg, max_batch, max_len)` holds every running request: slot i is ca
   2. prefills at most `prefill_chunk` prompt tokens of ONE request (the oldest still prefilling), so a long
      image prompt is spread over several steps instead of stalling everyone's decoding;
   3. runs one decode step for every request that has a token to feed, as one batch over their cache rows.
+With a prefix cache (`prefix_cache_bytes`), a finished request leaves the keys and values of its prompt and
+answer behind (`serve.prefix_cache`), and a new request whose prompt starts with them (the next turn of the same
+chat) copies them into its slot and prefills only the rest.
 Tokens travel to the caller through each request's `on_event` callback, from the engine thread. Sampling
 goes through `monovl.generation`'s core (`embed_prompt`, `prefill`, `decode_one_token`, `sample_next` per
 request), so greedy answers equal `monovl.generate` on the request alone.
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from monovl.generation import decode_one_token, embed_prompt, prefill, sample_next
+from monovl.serve.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +57,10 @@ class Request:
     cancelled: bool = False
     # engine state
     slot: int | None = None
-    embeds: tuple[torch.Tensor, torch.Tensor] | None = None  # prompt embeddings (1, T, D), visual mask (1, T)
+    embeds: tuple[torch.Tensor, torch.Tensor] | None = None  # embeddings (1, T', D), visual mask (1, T')
+    embeds_from: int = 0  # the prompt position of embeds' first row (after a reused prefix)
     prefilled: int = 0  # prompt tokens already in the cache
+    tokens: list[int] = field(default_factory=list)  # sampled so far
     pending: int | None = None  # sampled token not yet fed to the model
     generated: int = 0
     generator: torch.Generator | None = None
@@ -68,8 +74,10 @@ class Engine:
     """Continuous-batching generation over `model` (a MonoInternVL) in a background thread."""
 
     def __init__(self, model, *, max_batch: int = 8, max_len: int = 4096, max_queue: int = 64,
-                 prefill_chunk: int = 512):
+                 prefill_chunk: int = 512, prefix_cache_bytes: int = 0):
         self.model, self.max_batch, self.max_len, self.max_queue = model, max_batch, max_len, max_queue
+        self.prefix = PrefixCache(prefix_cache_bytes, model.cfg.image_token_id, model.cfg.num_image_token) \
+            if prefix_cache_bytes > 0 else None
         self.prefill_chunk = prefill_chunk
         self.device = next(model.parameters()).device
         self.cache = model.new_cache(max_batch, max_len)
@@ -172,16 +180,13 @@ class Engine:
     def _prefill_chunk(self, r: Request) -> None:
         try:
             if r.embeds is None:
-                ids = r.input_ids.to(self.device)[None]  # (1, T)
-                pv = r.pixel_values.to(self.device) if r.pixel_values is not None else None
-                r.embeds = embed_prompt(self.model, ids, pv)
-                if r.params.seed is not None:
-                    r.generator = torch.Generator(self.device).manual_seed(r.params.seed)
+                self._start_prefill(r)
             x, visual_mask = r.embeds
             a = r.prefilled
             b = min(r.prompt_len, a + self.prefill_chunk)
             pos = torch.arange(a, b, device=self.device)[None]  # (1, b - a)
-            logits = prefill(self.model, (x[:, a:b], visual_mask[:, a:b]), self.cache, pos,
+            rows = slice(a - r.embeds_from, b - r.embeds_from)
+            logits = prefill(self.model, (x[:, rows], visual_mask[:, rows]), self.cache, pos,
                              torch.tensor([b - a - 1], device=self.device),
                              cache_rows=torch.tensor([r.slot], device=self.device))  # (1, V)
         except (ValueError, RuntimeError) as e:
@@ -191,6 +196,29 @@ class Engine:
         if b == r.prompt_len:
             r.embeds = None
             self._accept(r, logits)
+
+    def _start_prefill(self, r: Request) -> None:
+        """Reuse the longest cached prefix (copied into r's slot), then embed the rest of the prompt."""
+        n, pv = 0, r.pixel_values
+        if self.prefix is not None:
+            entry, n = self.prefix.lookup(r.input_ids)
+            if entry is not None:
+                self.cache.k[:, r.slot, :, :n] = entry.k[:, :, :n]
+                self.cache.v[:, r.slot, :, :n] = entry.v[:, :, :n]
+                image_id, per_tile = self.model.cfg.image_token_id, max(self.model.cfg.num_image_token, 1)
+                done = int((r.input_ids[:n] == image_id).sum()) // per_tile if image_id is not None else 0
+                pv = pv[done:] if pv is not None and done < len(pv) else None
+        ids = r.input_ids[n:].to(self.device)[None]  # (1, T - n)
+        r.embeds = embed_prompt(self.model, ids, pv.to(self.device) if pv is not None else None)
+        r.prefilled = r.embeds_from = n
+        if r.params.seed is not None:
+            r.generator = torch.Generator(self.device).manual_seed(r.params.seed)
+
+    def _keep_prefix(self, r: Request) -> None:
+        """Leave the keys and values of r's prompt and answer (all but its last token, never fed) to the cache."""
+        n = r.prompt_len + len(r.tokens) - 1
+        ids = torch.cat([r.input_ids, torch.tensor(r.tokens[:-1], dtype=torch.long)])
+        self.prefix.insert(ids, self.cache.k[:, r.slot, :, :n], self.cache.v[:, r.slot, :, :n])
 
     def _decode(self, batch: Sequence[Request]) -> None:
         tok = torch.tensor([r.pending for r in batch], device=self.device)  # (B,)
@@ -217,6 +245,7 @@ class Engine:
                 self._finish(r, "error", "sampling failed (the model's scores were not finite)")
                 return
         r.generated += 1
+        r.tokens.append(tok)
         self.tokens_generated += 1
         if tok in p.stop_token_ids and not p.ignore_eos:
             self._finish(r, "done", "stop")
@@ -228,6 +257,8 @@ class Engine:
             r.pending = tok
 
     def _finish(self, r: Request, kind: str, value: str) -> None:
+        if self.prefix is not None and kind == "done" and value != "cancelled" and r.slot is not None and r.tokens:
+            self._keep_prefix(r)
         if r.slot is not None and self.slots[r.slot] is r:
             self.slots[r.slot] = None
         r.slot, r.pending, r.embeds = None, None, None
