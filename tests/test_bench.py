@@ -13,13 +13,13 @@ def test_bench_json_last_line_has_every_figure(monkeypatch, capsys):
     peak, read = speed.gemm_peak_gflops, speed.read_bandwidth_gbs
     monkeypatch.setattr(speed, "gemm_peak_gflops", lambda **kw: peak(n=128, repeat=1, **kw))  # small, for speed
     monkeypatch.setattr(speed, "read_bandwidth_gbs", lambda **kw: read(gib=1 / 256, repeat=1, **kw))
-    assert main(["bench", "--preset", "debug", "--quantize", "int8", "--json", "--repeat", "1",
+    assert main(["bench", "--preset", "debug", "--quantize", "int8", "--modular", "--json", "--repeat", "1",
                  "--decode-tokens", "2", "--agreement-tokens", "4"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     out = json.loads(lines[-1])
     for key in ("ttft_ms", "decode_tok_s", "dense_ttft_ms", "prefill_gflops", "gemm_peak_gflops", "bandwidth_gbs",
                 "decode_tok_s_int8", "ttft_ms_int8", "int8_token_agreement", "turn2_ttft_ms", "decode_roofline_frac",
-                "weights_gib", "weights_gib_int8"):
+                "weights_gib", "weights_gib_int8", "modular_ttft_ms", "mono_over_modular"):
         assert isinstance(out[key], (int, float)) and out[key] >= 0, key
     assert 0 <= out["int8_token_agreement"] <= 1 and out["weights_gib_int8"] < out["weights_gib"]
     assert out["tokens"] == 36 and out["visual_tokens"] == 4  # debug preset: 4 tokens per tile, 32 text
@@ -38,3 +38,13 @@ def test_decode_bytes_are_the_text_weights_and_the_kv_cache():
     f8 = speed.count(model, n_text=10, num_visual=4, tiles=1, decode_kv=20, weight_bytes=1.0)
     assert f8.decode_bytes == text_linears + 4 * (small + kv)
     assert speed.read_bandwidth_gbs(gib=1 / 512, repeat=1) > 0 and torch.get_num_threads() >= 1
+
+
+def test_the_modular_encoder_gives_the_tokens_the_llm_expects():
+    from monovl.model.vit import random_encoder
+    cfg = preset("debug")
+    enc = random_encoder(cfg, layers=2)
+    v = cfg.vision
+    out = enc(torch.randn(3, 3, v.image_size, v.image_size))
+    assert out.shape == (3, cfg.num_image_token, cfg.llm.hidden_size) and bool(out.isfinite().all())
+    assert len(enc.layers) == 2 and enc.layers[0].fc1.out_features == 4 * v.hidden_size

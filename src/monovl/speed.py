@@ -116,6 +116,18 @@ class _Route:
     def turn2(self):
         return self._prefill(self.turn2_ids, None, self.t + self.n)
 
+    def modular_prefill(self, encoder):
+        """The modular route's TTFT: the tiles through `encoder` (a full ViT + projector), then the same LLM with
+        every token on the text weights (a modular MLLM has no visual experts)."""
+        lm = self.model.language_model
+        x = lm.embed_tokens(self.ids)  # (1, T, D)
+        mask = self.ids == self.model.cfg.image_token_id  # (1, T)
+        x = x.masked_scatter(mask[..., None], encoder(self.pv).to(x.dtype))
+        pos = torch.arange(self.t, device=self.device)[None]
+        tok = lm(x, None, input_pos=pos, cache=self.cache, logits_at=torch.tensor([self.t - 1], device=self.device))
+        self.sync()
+        return tok.argmax(-1)
+
 
 def _timed(fn, *args) -> float:
     start = time.perf_counter()
@@ -124,9 +136,11 @@ def _timed(fn, *args) -> float:
 
 
 def run_bench(model: MonoInternVL, *, tiles: int = 1, text_tokens: int = 32, decode_tokens: int = 16,
-              repeat: int = 3, dense: bool = True, quantized: MonoInternVL | None = None) -> dict:
+              repeat: int = 3, dense: bool = True, quantized: MonoInternVL | None = None,
+              modular: torch.nn.Module | None = None) -> dict:
     """Time prefill (TTFT), decode, a reused-prefix turn 2, the dense blend and, given `quantized` (the same
-    weights in int8), its TTFT and decode, on one synthetic prompt; rounds interleave the routes so that all see
+    weights in int8), its TTFT and decode, and given `modular` (a `ModularEncoder`) the modular route's TTFT, on one
+    synthetic prompt; rounds interleave the routes so that all see
     the same machine noise, and the best round of each counts. Times in seconds."""
     ids, pv = bench_prompt(model, tiles, text_tokens)
     routes = {"": _Route(model, ids, pv, decode_tokens, text_tokens)}
@@ -150,6 +164,8 @@ def run_bench(model: MonoInternVL, *, tiles: int = 1, text_tokens: int = 32, dec
                     keep("turn2_ttft_s", _timed(r.turn2))
             if dense:
                 keep("dense_ttft_s", _timed(lambda: (model(ids, pv, dense=True), routes[""].sync())))
+            if modular is not None:
+                keep("modular_ttft_s", _timed(routes[""].modular_prefill, modular))
     num_visual = ids.shape[1] - text_tokens
     f = count(model, text_tokens, num_visual, tiles, ids.shape[1] + decode_tokens // 2)
     out = dict(tokens=ids.shape[1], visual_tokens=num_visual, prefill_gflops=f.prefill / best["ttft_s"] / 1e9,
@@ -158,6 +174,8 @@ def run_bench(model: MonoInternVL, *, tiles: int = 1, text_tokens: int = 32, dec
     if dense:
         out.update(dense_gflops=f.dense / best["dense_ttft_s"] / 1e9,
                    dense_over_routed=best["dense_ttft_s"] / best["ttft_s"])
+    if modular is not None:
+        out.update(mono_over_modular=best["ttft_s"] / best["modular_ttft_s"])
     if quantized is not None:
         f8 = count(model, text_tokens, num_visual, tiles, ids.shape[1] + decode_tokens // 2, weight_bytes=1.0)
         out.update(decode_tok_s_int8=1 / best["decode_s_int8"], decode_bytes_int8=f8.decode_bytes,
