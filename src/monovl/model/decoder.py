@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from monovl.config import LLMConfig
+from monovl.model import fused_experts
 from monovl.model.head_loss import head_loss
 
 
@@ -103,6 +104,16 @@ class Routing:
         out = y_txt.new_empty(b * t, y_txt.shape[-1])
         out.index_copy_(0, self.txt_idx, y_txt).index_copy_(0, self.vis_idx, y_vis)
         return out.view(b, t, -1)  # (B, T, Dout)
+
+    def grouped(self, x: torch.Tensor, fn) -> torch.Tensor:
+        """Like calling it, for `fn(text rows, visual rows)` → both outputs grouped (Nt + Nv, D) in one call."""
+        b, t, _ = x.shape
+        flat = x.reshape(b * t, -1)  # (B*T, D)
+        y = fn(flat.index_select(0, self.txt_idx), flat.index_select(0, self.vis_idx))  # (Nt + Nv, D)
+        out = torch.empty_like(y)
+        nt = len(self.txt_idx)
+        out.index_copy_(0, self.txt_idx, y[:nt]).index_copy_(0, self.vis_idx, y[nt:])
+        return out.view(b, t, -1)
 
 
 @dataclass(frozen=True)
@@ -276,7 +287,10 @@ class DecoderLayer(nn.Module):
         o = self._attend(attn.split(qkv), ctx, layer)  # (B, T, H*Dh)
         x = x + ctx.routing(o, attn.out, ve_out)
         ffn, ffn_ve = getattr(self, n.feed_forward), getattr(self, n.feed_forward + "_ve")
-        return x + ctx.routing(getattr(self, n.ffn_norm)(x), ffn, ffn_ve)
+        h, r = getattr(self, n.ffn_norm)(x), ctx.routing
+        if r.vis_idx is not None and r.txt_idx is not None and not r.dense and fused_experts.available(h, ffn, ffn_ve):
+            return x + r.grouped(h, lambda xt, xv: fused_experts.grouped_ffn(xt, xv, ffn, ffn_ve))  # one kernel pair
+        return x + r(h, ffn, ffn_ve)
 
     def _attend(self, qkv: tuple, ctx: ForwardContext, layer: int) -> torch.Tensor:
         c = self.cfg
