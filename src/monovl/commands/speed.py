@@ -47,6 +47,8 @@ def cmd_bench(args) -> int:
     from monovl.checkpoint import default_dtype, parse_dtype
     from monovl.model import quant
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(args.dtype) or default_dtype(device)
     model = _load(args, device, dtype)
@@ -97,5 +99,7 @@ def register(subparsers) -> None:
     b.add_argument("--modular", action="store_true",
                    help="also time a modular MLLM's TTFT: an InternViT-300M-shaped encoder (random weights) before "
                         "the same LLM")
+    b.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: torch's; on a CPU shared with other work, 1 is steadier)")
     b.add_argument("--json", action="store_true", help="print every figure as one JSON object on the last line")
     b.set_defaults(func=cmd_bench)
