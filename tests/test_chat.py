@@ -35,9 +35,10 @@ def test_image_token_id_read_from_sentencepiece_tokenizer_files(tmp_path):
     assert next(model.parameters()).dtype == torch.float32
 
 
-def test_conversation_renders_every_turn_with_its_images(ckpt, image, monkeypatch):
+@pytest.mark.parametrize("reuse", [False, True])
+def test_conversation_renders_every_turn_with_its_images(ckpt, image, monkeypatch, reuse):
     model, tokenizer = monovl.load(ckpt)
-    conv = monovl.Conversation(model, tokenizer, max_tiles=4)
+    conv = monovl.Conversation(model, tokenizer, max_tiles=4, reuse_prefix=reuse)
     prompts = []
     chat_module = sys.modules["monovl.conversation"]
     real = chat_module.stream_generate
@@ -56,8 +57,9 @@ def test_conversation_renders_every_turn_with_its_images(ckpt, image, monkeypatc
     assert "".join(pieces).strip() == conv.history[1].answer
     n = model.cfg.num_image_token
     want = build_query("Compare.", [tiles, tiles], conv.history[:2], None, n)
-    assert prompts[2] == (tokenizer.encode(want), 3 * tiles)
-    assert prompts[1][1] == tiles  # a text-only turn still carries the first turn's image
+    # the whole prompt every turn; without reuse every image's tiles, with it only those after the cached prefix
+    assert prompts[2] == (tokenizer.encode(want), 2 * tiles if reuse else 3 * tiles)
+    assert prompts[1][1] == (None if reuse else tiles)  # a text-only turn carries the first image unless cached
 
 
 def test_chat_function_and_generation_settings(ckpt, image):
