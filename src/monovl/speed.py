@@ -23,18 +23,24 @@ def _best(fn, repeat: int) -> float:
     return best
 
 
-def gemm_peak_gflops(n: int = 2048, repeat: int = 5, dtype=torch.float32, device="cpu") -> float:
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    _sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    return 2 * n**3 / _best(lambda: (a @ b, _sync()), repeat) / 1e9
+class Machine:
+    """This machine's fp32 (or `dtype`) GEMM peak — an n³ matmul — and read bandwidth — a streaming `sum` of a
+    `gib` GiB fp32 tensor: the bytes a decode step must read, per second, the roofline that decode is reported
+    against (a copy also writes, a GEMV also computes). `measure()` once per bench round keeps the best."""
 
+    def __init__(self, n: int = 2048, gib: float = 1.0, dtype=torch.float32, device="cpu"):
+        self.a, self.b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+        self.src = torch.ones(int(gib * 2**30) // 4, device=device)
+        self.sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+        self.gemm_peak_gflops = self.bandwidth_gbs = 0.0
 
-def read_bandwidth_gbs(gib: float = 1.0, repeat: int = 3, device="cpu") -> float:
-    """Streaming read of a `gib` GiB fp32 tensor (`sum`): the bytes a decode step must read, per second — the
-    roofline that decode is reported against (a copy also writes, a GEMV also computes)."""
-    src = torch.ones(int(gib * 2**30) // 4, device=device)
-    _sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    return src.numel() * 4 / _best(lambda: (src.sum(), _sync()), repeat) / 1e9
+    def measure(self, repeat: int = 2) -> "Machine":
+        n = self.a.shape[0]
+        peak = 2 * n**3 / _best(lambda: (self.a @ self.b, self.sync()), repeat) / 1e9
+        read = self.src.numel() * 4 / _best(lambda: (self.src.sum(), self.sync()), repeat) / 1e9
+        self.gemm_peak_gflops = max(self.gemm_peak_gflops, peak)
+        self.bandwidth_gbs = max(self.bandwidth_gbs, read)
+        return self
 
 
 @dataclass
@@ -137,11 +143,11 @@ def _timed(fn, *args) -> float:
 
 def run_bench(model: MonoInternVL, *, tiles: int = 1, text_tokens: int = 32, decode_tokens: int = 16,
               repeat: int = 3, dense: bool = True, quantized: MonoInternVL | None = None,
-              modular: torch.nn.Module | None = None) -> dict:
+              modular: torch.nn.Module | None = None, machine: Machine | None = None) -> dict:
     """Time prefill (TTFT), decode, a reused-prefix turn 2, the dense blend and, given `quantized` (the same
     weights in int8), its TTFT and decode, and given `modular` (a `ModularEncoder`) the modular route's TTFT, on one
-    synthetic prompt; rounds interleave the routes so that all see
-    the same machine noise, and the best round of each counts. Times in seconds."""
+    synthetic prompt; with `machine`, its GEMM peak and read bandwidth too. Rounds interleave the routes so that
+    all see the same machine noise, and the best round of each counts. Times in seconds."""
     ids, pv = bench_prompt(model, tiles, text_tokens)
     routes = {"": _Route(model, ids, pv, decode_tokens, text_tokens)}
     if quantized is not None:
@@ -155,6 +161,8 @@ def run_bench(model: MonoInternVL, *, tiles: int = 1, text_tokens: int = 32, dec
         for r in routes.values():
             r.prefill()  # warm-up
         for _ in range(repeat):
+            if machine is not None:
+                machine.measure()
             for suffix, r in routes.items():
                 start = time.perf_counter()
                 tok = r.prefill()

@@ -55,17 +55,18 @@ def cmd_bench(args) -> int:
     c = model.cfg.llm
     print(f"model: {args.model or args.preset}, {c.num_layers} layers, hidden {c.hidden_size}, {dtype}, {device}, "
           f"{torch.get_num_threads()} threads")
-    peak = speed.gemm_peak_gflops(dtype=dtype, device=device)
-    bw = speed.read_bandwidth_gbs(device=device)
-    print(f"machine: GEMM peak {peak:.1f} GFLOP/s (2048³ {dtype} matmul), read bandwidth {bw:.1f} GB/s "
-          "(streaming sum of 1 GiB)")
+    machine = speed.Machine(dtype=dtype, device=device)
     qmodel = quant.quantized_copy(model, args.quantize) if args.quantize else None
     encoder = None
     if args.modular:
         from monovl.model.vit import random_encoder
         encoder = random_encoder(model.cfg).to(device=device, dtype=dtype)
     r = speed.run_bench(model, tiles=args.tiles, text_tokens=args.text_tokens, decode_tokens=args.decode_tokens,
-                        repeat=args.repeat, dense=not args.no_dense, quantized=qmodel, modular=encoder)
+                        repeat=args.repeat, dense=not args.no_dense, quantized=qmodel, modular=encoder,
+                        machine=machine)
+    peak, bw = machine.gemm_peak_gflops, machine.bandwidth_gbs
+    print(f"machine (best of the rounds): GEMM peak {peak:.1f} GFLOP/s (2048³ {dtype} matmul), read bandwidth "
+          f"{bw:.1f} GB/s (streaming sum of 1 GiB)")
     if qmodel is not None:
         ids, pv = speed.bench_prompt(model, args.tiles, args.text_tokens)
         r.update(int8_backend=quant.pick_backend(device), weights_gib=quant.weight_bytes(model) / 2**30,
