@@ -32,6 +32,8 @@ def cmd_info(args) -> int:
               f"{cfg.downsample_ratio} ({cfg.ps_version}) -> {cfg.num_image_token} tokens/tile, "
               f"tiles {cfg.min_dynamic_patch}..{cfg.max_dynamic_patch}, thumbnail {cfg.use_thumbnail}")
     print(f"parameters        {_count(total)} total, {_count(total - inactive)} active per text token")
+    if cfg.quantization:
+        print(f"quantization      {cfg.quantization} weight-only (decoder linears, head, embeddings; scales per row)")
     tok = Tokenizer.from_dir(args.model)
     print(f"tokenizer         {tok.vocab_size} tokens; bos {tok.bos_id}, eos {tok.eos_id}, pad {tok.pad_id}; "
           f"<img> {tok.token_to_id('<img>')}, </img> {tok.token_to_id('</img>')}, "
