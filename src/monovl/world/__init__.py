@@ -57,6 +57,9 @@ SCALES = {
                         heldout=8, bench=20, shard_size=10),
     "default": WorldScale(train_images=3000, heldout_images=300, s1_3=6000, s2=3000, text=8000, chat=4000,
                           reading=100000, heldout=200, bench=300, shard_size=500),
+    # more images and image-text samples (same texts and benchmarks): for long runs that would repeat the default's
+    "large": WorldScale(train_images=20000, heldout_images=300, s1_3=60000, s2=20000, text=8000, chat=4000,
+                        reading=100000, heldout=200, bench=300, shard_size=1000),
     # held-out benchmarks only (no training data): what `monovl demo` evaluates, on a seed the model never saw
     "eval": WorldScale(train_images=0, heldout_images=300, s1_3=0, s2=0, text=0, chat=0, reading=0, heldout=1,
                        bench=300, shard_size=500),
@@ -310,7 +313,7 @@ def _cmd_world(args) -> int:
 
 
 def register(subparsers) -> None:
-    """Add `monovl world OUT_DIR [--seed N] [--scale small|default|eval]`."""
+    """Add `monovl world OUT_DIR [--seed N] [--scale small|default|large|eval]`."""
     p = subparsers.add_parser("world", help="generate the seeded synthetic world: stage data, corpus, benchmarks")
     p.add_argument("out_dir", help="output folder (created)")
     p.add_argument("--seed", type=int, default=0, help="world seed")
