@@ -14,6 +14,7 @@
     */heldout.jsonl                                 held-out split of each of the above
     bench/{mc,yesno,open,text}.tsv                  VLMEvalKit benchmarks on held-out images / facts
     bench/described/{mc,yesno,open}.tsv             the visual benchmarks with each image given as its caption
+    bench/clean/mc.tsv                              colour/shape/count on plain Pillow drawings (another renderer)
     world.json                                      manifest: seed, scale, vocabulary, counts, paths
 """
 from __future__ import annotations
@@ -30,8 +31,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from monovl.world import data as D
+from monovl.world.clean import clean_bench
 from monovl.world.images import (BACKGROUNDS, COLOURS, IMAGE_SIZES, NUMBERS, PATTERNS, POSITIONS, SHAPES, SIZES,
-                                 TILE, WORDS, Scene, png_bytes, render, sample_scene)
+                                 TILE, WORDS, Scene, Style, png_bytes, render, sample_scene,
+                                 sample_style)
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +123,10 @@ def _scenes(rng: random.Random, n: int, exclude: set[Scene]) -> list[Scene]:
     return out
 
 
-def _write_images(folder: Path, scenes: list[Scene]) -> list[bytes]:
+def _write_images(folder: Path, scenes: list[Scene], rng: random.Random | None = None) -> list[bytes]:
+    """PNGs of `scenes`, each in a style sampled from `rng` (None: the world's own look)."""
     folder.mkdir(parents=True, exist_ok=True)
-    pngs = [png_bytes(render(s)) for s in scenes]
+    pngs = [png_bytes(render(s, sample_style(rng) if rng else Style())) for s in scenes]
     for i, png in enumerate(pngs):
         (folder / f"{i:06d}.png").write_bytes(png)
     return pngs
@@ -248,6 +252,7 @@ def _bench_files(w: _Writer, sc: WorldScale, heldout: list[Scene], held_png: lis
         w.tsv(f"bench_{kind}", f"bench/{kind}.tsv", rows, columns)
         w.tsv(f"bench_described_{kind}", f"bench/described/{kind}.tsv", described,
               [c for c in columns if c != "image"])
+    w.tsv("bench_clean", "bench/clean/mc.tsv", clean_bench(w.rng("bench_clean"), sc.bench), MC_COLUMNS)
     r = w.rng("bench_text")
     text_rows = [(f.question, f.answer, "fact") for f in r.sample(facts, min(len(facts), sc.bench // 2))]
     text_rows += [(q, a, "arithmetic") for q, a in held_sums[:sc.bench - len(text_rows)]]
@@ -265,7 +270,9 @@ def generate_world(out_dir: str | Path, *, seed: int = 0, scale: str = "default"
     heldout = _scenes(w.rng("heldout"), sc.heldout_images, set())
     train = _scenes(w.rng("train"), sc.train_images, set(heldout))
     log.info("rendering %d training and %d held-out images", len(train), len(heldout))
-    train_png, held_png = _write_images(w.out / "images/train", train), _write_images(w.out / "images/heldout", heldout)
+    # training images vary the drawing (anti-aliasing, outlines, pure white); held-out ones keep the world's look
+    train_png = _write_images(w.out / "images/train", train, w.rng("style"))
+    held_png = _write_images(w.out / "images/heldout", heldout)
     facts = D.invent_facts(w.rng("facts"))
     sums, held_sums = D.arithmetic_pairs(w.rng("arithmetic"))
     _image_stages(w, sc, "train", train, train_png, facts, sums)
