@@ -60,7 +60,7 @@ def test_a_text_question_is_answered_as_the_api_answers_it(page, server, tmp_pat
 
 
 def test_images_from_the_picker_a_drop_and_a_paste(page, server, tmp_path):
-    red, blue, green = tmp_path / "red.png", _png(color=(20, 40, 220)), _png(color=(20, 200, 40))
+    red, blue, green = tmp_path / "red.png", _png(color=(20, 40, 220)), _png(size=(4000, 1000), color=(20, 200, 40))
     red.write_bytes(_png())
     page.attach(red)
     wait_for(lambda: len(page.all("#pending .thumb")) == 1, 10, "the picked image's thumbnail")
@@ -71,6 +71,9 @@ def test_images_from_the_picker_a_drop_and_a_paste(page, server, tmp_path):
     page.transfer("drop", "blue.png", blue)
     page.transfer("paste", "green.png", green)
     wait_for(lambda: len(page.all("#pending .thumb")) == 2, 10, "the dropped and pasted images' thumbnails")
+    sizes = [page.driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", t)
+             for t in page.all("#pending .thumb")]
+    assert sizes == [[60, 40], [2048, 512]]  # a large image is scaled down before it is sent
     page.ask("And these two?")
     assert not page.all("#pending .thumb")  # sent with the message
     page.wait_answered()
@@ -174,20 +177,22 @@ def test_the_page_asks_for_the_api_key(driver, random_loaded, tmp_path):
 
 def test_a_phone_sized_screen(page, driver, tmp_path):
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", PHONE)
-    page = Page(driver, page.driver.current_url)
-    page.wait_connected("tiny")
-    page.setting("max-tokens", 8)
-    page.attach(_write(tmp_path / "red.png", _png(size=(300, 200))))
-    page.ask("What colour is the picture? Please answer in a short sentence that wraps on a narrow screen.")
-    page.wait_answered()
-    width = driver.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
-    assert width[0] <= width[1] == PHONE["width"]  # nothing sticks out sideways
-    for element_id in ("input", "send", "file", "new-chat"):
-        box = driver.execute_script("return arguments[0].getBoundingClientRect().toJSON()",
-                                    page.el(element_id).find_element("xpath", "..") if element_id == "file"
-                                    else page.el(element_id))
-        assert 0 <= box["left"] and box["right"] <= PHONE["width"] and box["bottom"] <= PHONE["height"], element_id
-    page.shot(tmp_path / "phone.png")
+    try:
+        page = Page(driver, page.driver.current_url)
+        page.wait_connected("tiny")
+        page.setting("max-tokens", 8)
+        page.attach(_write(tmp_path / "red.png", _png(size=(300, 200))))
+        page.ask("What colour is the picture? Please answer in a short sentence that wraps on a narrow screen.")
+        page.wait_answered()
+        width = driver.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
+        assert width[0] <= width[1] == PHONE["width"]  # nothing sticks out sideways
+        picker = page.el("file").find_element("xpath", "..")  # the Image button (the input inside is hidden)
+        for element in (page.el("input"), page.el("send"), picker, page.el("new-chat"), page.el("settings")):
+            box = driver.execute_script("return arguments[0].getBoundingClientRect().toJSON()", element)
+            assert 0 <= box["left"] and box["right"] <= PHONE["width"] and box["bottom"] <= PHONE["height"], box
+        page.shot(tmp_path / "phone.png")
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
 def _write(path: Path, data: bytes) -> Path:

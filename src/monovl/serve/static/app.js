@@ -4,6 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const KEY_STORE = "monovl-api-key";
+const MAX_SIDE = 2048;  // larger images are scaled down before sending (the server tiles them to 448 px anyway)
 
 const state = {
   model: null,       // the served model's id, from /v1/models
@@ -149,13 +150,33 @@ function readAsDataURL(file) {
   });
 }
 
+// The image as a data: URL, scaled down to MAX_SIDE when it is larger; one the browser cannot decode goes as it is,
+// for the server to judge (and to say why it refuses it).
+async function imageURL(file) {
+  const url = await readAsDataURL(file);
+  const img = new Image();
+  img.src = url;
+  try {
+    await img.decode();
+  } catch (e) {
+    return url;
+  }
+  const scale = MAX_SIDE / Math.max(img.naturalWidth, img.naturalHeight);
+  if (scale >= 1) return url;
+  const canvas = document.createElement("canvas");
+  canvas.width = Math.max(1, Math.round(img.naturalWidth * scale));
+  canvas.height = Math.max(1, Math.round(img.naturalHeight * scale));
+  canvas.getContext("2d").drawImage(img, 0, 0, canvas.width, canvas.height);
+  return canvas.toDataURL(file.type === "image/png" ? "image/png" : "image/jpeg", 0.92);
+}
+
 async function addFiles(files) {
   for (const file of files) {
     if (!file.type.startsWith("image/")) {
       showError(`${file.name || "the file"} is not an image`);
       continue;
     }
-    state.pending.push({name: file.name, url: await readAsDataURL(file)});
+    state.pending.push({name: file.name, url: await imageURL(file)});
   }
   renderPending();
 }
