@@ -16,6 +16,7 @@ COMMANDS = {  # name → (module, one line for `monovl --help`)
     "info": ("monovl.commands.info", "architecture, parameter counts and tokenizer facts of a checkpoint"),
     "bench": ("monovl.commands.speed", "prefill/decode speed vs this machine's GEMM peak and bandwidth"),
     "serve": ("monovl.commands.serve", "an OpenAI-compatible HTTP server with continuous batching"),
+    "web": ("monovl.commands.web", "the browser chat page on a local server (default: the shipped model)"),
     "loadtest": ("monovl.commands.loadtest", "N concurrent streaming clients against a local server"),
     "eval": ("monovl.commands.eval", "evaluate a checkpoint on VLMEvalKit-format benchmark TSVs"),
     "monolithize": ("monovl.commands.monolithize", "make a plain LLM folder (InternLM2, Qwen, Llama) monolithic"),
