@@ -162,3 +162,9 @@ def test_numeric_flags_of_every_command_are_range_checked(argv, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and ("is outside" in err or "not an integer" in err) and "Traceback" not in err
+
+
+@pytest.mark.parametrize("device,words", [("banana", "is not a torch device"), ("cuda:99", "CUDA device(s)")])
+def test_a_device_this_machine_lacks_is_one_line(random_ckpt, capsys, device, words):
+    err = one_error(capsys, ["chat", "--model", str(random_ckpt), "--prompt", "hi", "--device", device])
+    assert f"device {device!r}" in err and words in err

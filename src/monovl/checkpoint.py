@@ -39,6 +39,21 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def parse_device(name: str | torch.device | None) -> torch.device:
+    """`name` ("cpu", "cuda", "cuda:1", …; None: cpu) as a device this machine has, else a ValueError saying why."""
+    try:
+        device = torch.device(name or "cpu")
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {name!r} is not a torch device (cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.index is not None and device.index >= count or count == 0:
+            raise ValueError(f"device {name!r}: this machine has {count} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: MPS is not available on this machine")
+    return device
+
+
 def parse_dtype(name: str | None) -> torch.dtype | None:
     """A `DTYPES` name (e.g. "bf16") → torch dtype; None → None (the device's default)."""
     return DTYPES[name] if name else None
@@ -206,7 +221,7 @@ def load_model(path, *, dtype: torch.dtype | None = None, device=None, image_tok
     read; a tensor holding NaN or inf (stored, or after the cast to `dtype`) is refused."""
     path = Path(path)
     cfg = read_config(path)
-    device = torch.device(device or "cpu")
+    device = parse_device(device)
     dtype = dtype or default_dtype(device)
     if image_token_id is None and cfg.vision is not None:
         image_token_id = _image_token_id(path)

@@ -8,11 +8,11 @@ def cmd_bench(args) -> int:
     import torch
 
     from monovl import speed
-    from monovl.checkpoint import default_dtype, load_model, parse_dtype
+    from monovl.checkpoint import default_dtype, load_model, parse_device, parse_dtype
     from monovl.config import preset
     from monovl.scratch import random_model
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(args.dtype) or default_dtype(device)
     if args.model:
         model = load_model(args.model, dtype=dtype, device=device)

@@ -153,9 +153,14 @@ def _to(batch: dict, device) -> dict:
 
 
 def _device(name: str) -> torch.device:
+    from monovl.checkpoint import parse_device
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        return parse_device(name)
+    except ValueError as e:
+        raise ValueError(f"run.device: {e}") from None
 
 
 def prepare_model(cfg: TrainConfig, device: torch.device, mesh, compute_dtype):
