@@ -168,3 +168,20 @@ def test_numeric_flags_of_every_command_are_range_checked(argv, capsys):
 def test_a_device_this_machine_lacks_is_one_line(random_ckpt, capsys, device, words):
     err = one_error(capsys, ["chat", "--model", str(random_ckpt), "--prompt", "hi", "--device", device])
     assert f"device {device!r}" in err and words in err
+
+
+def test_loadtest_without_a_server_is_one_line(capsys):
+    import socket
+
+    with socket.socket() as s:  # a local port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    err = one_error(capsys, ["loadtest", "--url", f"http://127.0.0.1:{port}/v1", "--requests", "1", "--clients", "1",
+                             "--time-limit", "5"])
+    assert f"cannot list the models of the server at http://127.0.0.1:{port}/v1" in err
+
+
+def test_monolithize_checks_its_output_folder_before_loading(tmp_path, capsys, no_model):
+    (tmp_path / "file").write_text("")
+    err = one_error(capsys, ["monolithize", "llm", str(tmp_path / "file")])
+    assert "is a file, not a folder" in err

@@ -16,7 +16,7 @@ def register(subparsers) -> None:
 
     lt = subparsers.add_parser("loadtest", help="N concurrent streaming clients against a local server")
     lt.add_argument("--url", default="http://127.0.0.1:8000/v1", help="the server's OpenAI base URL")
-    lt.add_argument("--clients", type=number(int, 1), default=8, help="concurrent clients")
+    lt.add_argument("--clients", type=number(int, 1, 256), default=8, help="concurrent clients")
     lt.add_argument("--requests", type=number(int, 1, 10000), default=32, help="requests in all (at most 10000)")
     lt.add_argument("--max-tokens", type=number(int, 1), default=64, help="tokens per answer")
     lt.add_argument("--model", help="model id (default: the server's first)")

@@ -8,9 +8,11 @@ def cmd_monolithize(args) -> int:
 
     from monovl import load
     from monovl.checkpoint import parse_dtype, save_model
+    from monovl.checks import writable_dir
     from monovl.config import preset
     from monovl.train.monolithize import monolithize
 
+    writable_dir(args.out_dir)  # before the LLM loads
     geometry = preset(args.vision)
     if geometry.vision is None:
         raise ValueError(f"preset {args.vision!r} has no vision part; choose one that has (e.g. tiny, "
