@@ -10,6 +10,7 @@ import importlib
 import importlib.metadata
 import logging
 import sys
+import traceback
 
 COMMANDS = {  # name → (module, one line for `monovl --help`)
     "chat": ("monovl.commands.chat", "chat with a checkpoint (one answer with --prompt, else interactive)"),
@@ -64,9 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # CheckpointError, ImageError and bad arguments
+    except (ValueError, OSError) as e:  # CheckpointError, ImageError, OutputError, bad arguments, files
+        if args.verbose:
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from monovl.checkpoint import SHIPPED_MODEL
+from monovl.checks import number
 from monovl.reproduce import CHANCE, TOKENIZER_VOCAB, VISUAL_BENCHES, evaluate_model, pct, visual_chance
 
 log = logging.getLogger(__name__)
@@ -155,9 +156,10 @@ def register(subparsers) -> None:
                    help="--reproduce: also pre-train the stage-0 LLM (tokenizer, reading curriculum; about an hour)")
     p.add_argument("--out", default="demo_report", help="output folder (report, charts, runs)")
     p.add_argument("--scale", choices=sorted(TOKENIZER_VOCAB), default="default", help="--reproduce: world size")
-    p.add_argument("--steps-scale", type=float, default=1.0, help="--reproduce: multiply every recipe's steps")
-    p.add_argument("--eval-limit", type=int, default=100,
+    p.add_argument("--steps-scale", type=number(float, 0, low_open=True), default=1.0,
+                   help="--reproduce: multiply every recipe's steps")
+    p.add_argument("--eval-limit", type=number(int, 0), default=100,
                    help="--reproduce: questions per benchmark after each stage (0: all)")
     p.add_argument("--model", help="model folder (default: the shipped tiny model)")
-    p.add_argument("--limit", type=int, default=0, help="questions per benchmark (default 0: all 300)")
+    p.add_argument("--limit", type=number(int, 0), default=0, help="questions per benchmark (default 0: all 300)")
     p.set_defaults(func=_cmd_demo)

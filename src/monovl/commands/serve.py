@@ -5,7 +5,7 @@ import logging
 import sys
 from pathlib import Path
 
-from monovl.commands import add_model_args
+from monovl.commands import add_model_args, number
 
 
 def build_server(args):
@@ -53,32 +53,34 @@ def add_server_args(s) -> None:
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (the page asks for it; "
                                      "default: no key)")
     s.add_argument("--served-model-name", help="the model id clients send (default: the folder's name)")
-    s.add_argument("--max-batch", type=int, default=8, help="KV-cache slots = requests decoded together")
-    s.add_argument("--max-len", type=int, help="context per slot (default: min(max positions, 4096))")
-    s.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
-    s.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per engine step")
-    s.add_argument("--max-tiles", type=int, help="tile budget per image (default: the checkpoint's)")
-    s.add_argument("--max-images", type=int, default=8, help="images per request")
+    s.add_argument("--max-batch", type=number(int, 1), default=8, help="KV-cache slots = requests decoded together")
+    s.add_argument("--max-len", type=number(int, 2), help="context per slot (default: min(max positions, 4096))")
+    s.add_argument("--max-queue", type=number(int, 1), default=64, help="waiting requests before answering 429")
+    s.add_argument("--prefill-chunk", type=number(int, 1), default=512, help="prompt tokens prefilled per engine step")
+    s.add_argument("--max-tiles", type=number(int, 1), help="tile budget per image (default: the checkpoint's)")
+    s.add_argument("--max-images", type=number(int, 0), default=8, help="images per request")
     s.add_argument("--allowed-media-dir", help="allow local image paths below this folder (default: none)")
-    s.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds")
-    s.add_argument("--max-body-mb", type=float, default=64.0,
+    s.add_argument("--timeout", type=number(float, 0, low_open=True), default=300.0,
+                   help="per-request timeout in seconds")
+    s.add_argument("--max-body-mb", type=number(float, 0, low_open=True), default=64.0,
                    help="larger request bodies are refused (413), counted as they arrive (chunked too)")
-    s.add_argument("--header-timeout", type=float, default=10.0,
+    s.add_argument("--header-timeout", type=number(float, 0, low_open=True), default=10.0,
                    help="seconds for a request's line and headers to arrive before the connection is closed (408)")
-    s.add_argument("--body-timeout", type=float, default=30.0,
+    s.add_argument("--body-timeout", type=number(float, 0, low_open=True), default=30.0,
                    help="seconds without request body data before the request is refused (408)")
     s.add_argument("--raw-special-tokens", action="store_true",
                    help="tokenize special tokens typed in messages (<|im_end|>, ...) as control tokens; default: "
                         "they stay text (no role injection)")
     s.add_argument("--no-access-log", action="store_true",
                    help="do not log one line per request (method, path, status, tokens, latency)")
-    s.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest for tiny models; default: torch's)")
+    s.add_argument("--threads", type=number(int, 1),
+                   help="torch CPU threads (1 is fastest for tiny models; default: torch's)")
 
 
 def register(subparsers) -> None:
     s = subparsers.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
     add_model_args(s, required=True)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    s.add_argument("--port", type=int, default=8000, help="port to listen on")
+    s.add_argument("--port", type=number(int, 0, 65535), default=8000, help="port to listen on")
     add_server_args(s)
     s.set_defaults(func=cmd_serve)

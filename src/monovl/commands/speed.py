@@ -1,18 +1,18 @@
 """`monovl bench`: prefill/decode speed of a checkpoint or a preset's geometry (`monovl.speed`)."""
 from __future__ import annotations
 
-from monovl.commands import add_model_args
+from monovl.commands import add_model_args, number
 
 
 def cmd_bench(args) -> int:
     import torch
 
     from monovl import speed
-    from monovl.checkpoint import default_dtype, load_model, parse_dtype
+    from monovl.checkpoint import default_dtype, load_model, parse_device, parse_dtype
     from monovl.config import preset
     from monovl.scratch import random_model
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(args.dtype) or default_dtype(device)
     if args.model:
         model = load_model(args.model, dtype=dtype, device=device)
@@ -43,10 +43,10 @@ def register(subparsers) -> None:
     b = subparsers.add_parser("bench", help="prefill/decode speed vs this machine's GEMM peak and bandwidth")
     add_model_args(b, default_help="a checkpoint folder (default: random weights of --preset)")
     b.add_argument("--preset", default="mono-internvl-2b", help="geometry of the random model")
-    b.add_argument("--layers", type=int, help="override the number of decoder layers")
-    b.add_argument("--tiles", type=int, default=1, help="image tiles in the prompt")
-    b.add_argument("--text-tokens", type=int, default=32, help="text tokens in the prompt")
-    b.add_argument("--decode-tokens", type=int, default=16, help="tokens decoded per round")
-    b.add_argument("--repeat", type=int, default=3, help="interleaved rounds; the best of each route counts")
+    b.add_argument("--layers", type=number(int, 1), help="override the number of decoder layers")
+    b.add_argument("--tiles", type=number(int, 0), default=1, help="image tiles in the prompt")
+    b.add_argument("--text-tokens", type=number(int, 1), default=32, help="text tokens in the prompt")
+    b.add_argument("--decode-tokens", type=number(int, 1), default=16, help="tokens decoded per round")
+    b.add_argument("--repeat", type=number(int, 1), default=3, help="interleaved rounds; the best of each route counts")
     b.add_argument("--no-dense", action="store_true", help="skip the dense-blend comparison")
     b.set_defaults(func=cmd_bench)

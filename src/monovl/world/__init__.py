@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from monovl.checks import write_failed, writable_dir
 from monovl.world import data as D
 from monovl.world.clean import clean_bench
 from monovl.world.images import (BACKGROUNDS, COLOURS, IMAGE_SIZES, NUMBERS, PATTERNS, POSITIONS, SHAPES, SIZES,
@@ -312,7 +313,11 @@ def world_texts(out_dir: str | Path) -> Iterator[str]:
 
 
 def _cmd_world(args) -> int:
-    result = generate_world(args.out_dir, seed=args.seed, scale=args.scale)
+    out = writable_dir(args.out_dir, "world folder")  # a file, read-only, no permission: before any work
+    try:
+        result = generate_world(out, seed=args.seed, scale=args.scale)
+    except OSError as e:  # e.g. the disk filled up
+        raise write_failed(e, out, "world folder") from None
     print(f"synthetic world (seed {args.seed}, scale {args.scale}) written to {result['root']}")
     for name, n in result["counts"].items():
         print(f"  {name:16s} {n:7d}  {result['paths'].get(name, '')}")
