@@ -118,7 +118,7 @@ def test_world_into_a_file_or_a_read_only_folder_is_one_line(tmp_path, capsys, m
 def test_world_on_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     import monovl.world as world
 
-    def full(folder, scenes):
+    def full(folder, scenes, rng=None):
         raise OSError(errno.ENOSPC, "No space left on device", str(folder / "000000.png"))
     monkeypatch.setattr(world, "_write_images", full)
     err = one_error(capsys, ["world", str(tmp_path / "w"), "--scale", "small"])

@@ -65,7 +65,8 @@ def register(subparsers) -> None:
     s = subparsers.add_parser("web", help="the browser chat page on a local server (default: the shipped model)")
     add_model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    s.add_argument("--port", type=number(int, 0, 65535), default=0, help="port to listen on; 0 (the default) picks a free one")
+    s.add_argument("--port", type=number(int, 0, 65535), default=0,
+                   help="port to listen on; 0 (the default) picks a free one")
     s.add_argument("--no-browser", action="store_true", help="print the page's address, do not open a browser")
     add_server_args(s)
     s.set_defaults(func=cmd_web)
