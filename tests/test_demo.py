@@ -1,5 +1,6 @@
 """`monovl demo --reproduce` end to end at the small world scale with a few steps, then `monovl demo` on its model."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,8 @@ def test_demo_streams_answers_and_writes_a_report(reproduced, tmp_path):
     assert "| **overall** |" in text and text.count("Q: ") == 2
     assert set(result["scores"]) == {"mc", "yesno", "open", "text", "text_lm"}
     assert (tmp_path / "demo/categories.png").is_file() and "Example answers" in result["report"].read_text()
+    assert re.search(r"clean drawings .*: \d+ % of \d+ multiple-choice questions \(colour \d+ %, count \d+ %", text)
+    assert result["clean"] in result["report"].read_text()
 
 
 def test_demo_without_a_model_points_to_reproduce(tmp_path):

@@ -111,10 +111,10 @@ def test_rows_without_prediction_are_bad_rows(tmp_path):
     assert res["overall"]["score"] == pytest.approx(1 / 3) and res["counts"]["bad_rows"] == 2
 
 
-def test_eval_without_model_or_predictions_is_an_error(tmp_path):
+def test_eval_without_model_or_predictions_is_an_error(tmp_path, capsys):
     tsv = write_tsv(tmp_path / "v.tsv", [{"index": 0, "question": "q", "answer": "x"}])
-    with pytest.raises(SystemExit, match="--predictions"):
-        main(["eval", "--bench", str(tsv)])
+    assert main(["eval", "--bench", str(tsv)]) == 2
+    assert "error: give --model (to run a checkpoint) or --predictions" in capsys.readouterr().err
 
 
 class _FakeJudge(BaseHTTPRequestHandler):

@@ -156,3 +156,24 @@ def test_a_tied_head_is_quantized_on_its_own_and_round_trips(tmp_path):
     loaded = load_model(tmp_path / "q", image_token_id=cfg.image_token_id)
     ids = torch.tensor([[1, 2, 3]])
     assert torch.equal(model(ids), loaded(ids))
+
+
+def test_header_checks_accept_int8_weights_only_where_quantized(int8_ckpt, tmp_path):
+    from monovl.checkpoint import check_weights
+    _, path = int8_ckpt
+    assert check_weights(path) == ""  # int8 weights beside their fp32 scales, config says int8
+    norm = "language_model.model.norm.weight"
+    odd = _copy(path, tmp_path / "odd")  # an integer tensor where no int8 module is: still refused
+    tensors = load_file(str(odd / "model.safetensors"))
+    tensors[norm] = tensors[norm].to(torch.int8)
+    save_file(tensors, str(odd / "model.safetensors"))
+    assert f"not floating-point weights" in check_weights(odd) and f"{norm} (I8)" in check_weights(odd)
+    with pytest.raises(CheckpointError, match="not floating-point weights"):
+        load_model(odd)
+    bad = _copy(path, tmp_path / "bad")  # int8 weights are not checked for NaN, float scales are
+    tensors = load_file(str(bad / "model.safetensors"))
+    scale = "language_model.model.layers.0.feed_forward.w1.weight_scale"
+    tensors[scale][0] = float("nan")
+    save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"NaN or inf values in 1 tensor\\(s\\): {scale}"):
+        load_model(bad)

@@ -145,3 +145,51 @@ def test_control_tokens_typed_by_users_stay_text(server, random_loaded):
         build_prompt(body, model, tok, raw)
     r = _post(server, _user(INJECTION))
     assert r.status_code == 200, r.text
+
+
+def _run_until_done(engine, reqs, events, timeout=60):
+    engine.start()
+    try:
+        for r in reqs:
+            engine.submit(r)
+        deadline = time.monotonic() + timeout
+        while any(not e or e[-1][0] == "token" for e in events.values()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.shutdown()
+
+
+def test_a_failing_batched_decode_ends_only_the_offending_request(random_loaded, monkeypatch):
+    import monovl.serve.engine as engine_mod
+
+    engine = Engine(random_loaded[0], max_batch=3, max_len=64)
+    events = {i: [] for i in range(3)}
+    reqs = [Request(torch.tensor([1, 2, 3 + i]), None, SamplingParams(max_tokens=6, ignore_eos=True),
+                    lambda kind, value, i=i: events[i].append((kind, value))) for i in range(3)]
+    real = engine_mod.decode_one_token
+
+    def poisoned(model, tokens, pos, cache, cache_rows=None):  # any forward holding request 1's row fails
+        if reqs[1].slot is not None and reqs[1].slot in cache_rows.tolist():
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(model, tokens, pos, cache, cache_rows=cache_rows)
+    monkeypatch.setattr(engine_mod, "decode_one_token", poisoned)
+    _run_until_done(engine, reqs, events)
+    assert events[1][-1] == ("error", "internal error in the generation engine")
+    for i in (0, 2):
+        assert [k for k, _ in events[i]] == ["token"] * 6 + ["done"] and events[i][-1] == ("done", "length")
+
+
+def test_a_failing_event_callback_ends_only_its_request(random_loaded):
+    engine = Engine(random_loaded[0], max_batch=2, max_len=64)
+    events = {0: [], 1: []}
+
+    def broken(kind, value):  # e.g. a client queue that raises; its error event is recorded
+        events[0].append((kind, value))
+        if kind == "token":
+            raise RuntimeError("client gone")
+    reqs = [Request(torch.tensor([1, 2, 3]), None, SamplingParams(max_tokens=4, ignore_eos=True), broken),
+            Request(torch.tensor([1, 2, 4]), None, SamplingParams(max_tokens=4, ignore_eos=True),
+                    lambda kind, value: events[1].append((kind, value)))]
+    _run_until_done(engine, reqs, events)
+    assert events[0][-1] == ("error", "internal error while sending the answer") and len(events[0]) == 2
+    assert [k for k, _ in events[1]] == ["token"] * 4 + ["done"]

@@ -255,3 +255,64 @@ def test_eval_scale_writes_benchmarks_only(tmp_path):
     counts = result["counts"]
     assert counts["bench_mc"] == counts["bench_yesno"] == counts["bench_open"] == 300
     assert counts["train_images"] == counts["s1_3"] == counts["reading"] == 0
+
+
+def test_styles_vary_training_images_only_and_keep_the_answers():
+    from monovl.world.images import Style, sample_style
+
+    rng = random.Random(5)
+    styles = [sample_style(rng) for _ in range(200)]
+    assert 60 < sum(s == Style() for s in styles) < 140  # about half keep the world's own look
+    assert any(s.supersample > 1 for s in styles) and any(s.outline for s in styles) and any(s.pure_white for s in styles)
+    for _ in range(30):
+        scene = sample_scene(rng)
+        style = Style(supersample=4, outline=2, outline_black=True, pure_white=True, tint=(20, -20, 10))
+        img = render(scene, style)
+        assert img.size == (scene.width, scene.height)
+        for s in scene.shapes:
+            if s.kind in ("circle", "square", "hexagon", "diamond") and s.r >= 10:  # the centre keeps the tinted fill
+                want = tuple(max(0, min(255, v + t)) for v, t in zip(COLOURS[s.colour], style.tint))
+                assert max(abs(a - b) for a, b in zip(img.getpixel((s.cx, s.cy)), want)) <= 2
+        if scene.background == "white" and scene.pattern == "plain":
+            assert img.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_heldout_images_keep_the_worlds_look_and_training_images_vary(world):
+    manifest = json.loads((world / "world.json").read_text())
+    from monovl.world import _scenes
+    from monovl.world.images import png_bytes
+
+    # the held-out PNGs are exactly the default renderer's; some training PNGs are not
+    scenes = _scenes(random.Random("monovl-world/0/heldout"), manifest["counts"]["heldout_images"], set())
+    for i, scene in enumerate(scenes):
+        assert (world / f"images/heldout/{i:06d}.png").read_bytes() == png_bytes(render(scene))
+    train = _scenes(random.Random("monovl-world/0/train"), manifest["counts"]["train_images"], set(scenes))
+    differ = [(world / f"images/train/{i:06d}.png").read_bytes() != png_bytes(render(s)) for i, s in enumerate(train)]
+    assert 0 < sum(differ) < len(differ)
+
+
+def test_captions_list_shapes_in_reading_order():
+    rng = random.Random(11)
+    for _ in range(50):
+        scene = sample_scene(rng)
+        caption = D.describe(scene)
+        found = [caption.index(f"{s.kind} ({s.colour}) at the {s.position}") for s in scene.shapes]
+        cells = [s.cell for s in scene.shapes]
+        assert [c for _, c in sorted(zip(found, cells))] == sorted(cells)
+
+
+def test_clean_drawings_benchmark(world):
+    from monovl.world.clean import CSS
+
+    rows = _tsv(world / "bench/clean/mc.tsv")
+    assert len(rows) == 20 and {r["category"] for r in rows} == {"colour", "shape", "count"}
+    for r in rows:
+        img = Image.open(io.BytesIO(base64.b64decode(r["image"]))).convert("RGB")
+        assert img.getpixel((0, 0)) == (255, 255, 255)
+        answer = r[r["answer"]]
+        assert len({r[k] for k in "ABCD"}) == 4
+        pixels = set(img.getdata())
+        if r["category"] == "colour":
+            assert CSS[answer] in pixels
+        if r["category"] == "count":
+            assert 1 <= int(answer) <= 3

@@ -10,12 +10,14 @@ import importlib
 import importlib.metadata
 import logging
 import sys
+import traceback
 
 COMMANDS = {  # name → (module, one line for `monovl --help`)
     "chat": ("monovl.commands.chat", "chat with a checkpoint (one answer with --prompt, else interactive)"),
     "info": ("monovl.commands.info", "architecture, parameter counts and tokenizer facts of a checkpoint"),
     "bench": ("monovl.commands.speed", "prefill/decode speed vs this machine's GEMM peak and bandwidth"),
     "serve": ("monovl.commands.serve", "an OpenAI-compatible HTTP server with continuous batching"),
+    "web": ("monovl.commands.web", "the browser chat page on a local server (default: the shipped model)"),
     "loadtest": ("monovl.commands.loadtest", "N concurrent streaming clients against a local server"),
     "eval": ("monovl.commands.eval", "evaluate a checkpoint on VLMEvalKit-format benchmark TSVs"),
     "monolithize": ("monovl.commands.monolithize", "make a plain LLM folder (InternLM2, Qwen, Llama) monolithic"),
@@ -63,9 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # CheckpointError, ImageError and bad arguments
+    except (ValueError, OSError) as e:  # CheckpointError, ImageError, OutputError, bad arguments, files
+        if args.verbose:
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

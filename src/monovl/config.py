@@ -168,7 +168,62 @@ def _token_id(value, default):
     return default if value is None else value
 
 
-def _llm_from_hf(d: dict, *, family: str, visual_ffn_experts: bool) -> LLMConfig:
+def _table(d, where: str) -> dict:
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must be a JSON object ({{...}}), not {type(d).__name__}")
+    return d
+
+
+def _whole(d: dict, key: str, where: str, *, required: bool = True, low: int = 1):
+    """d[key] if it is an integer >= low (absent and not required: None), else a ValueError naming the field."""
+    if key not in d or d[key] is None:
+        if required:
+            raise ValueError(f"lacks the field {where}{key}")
+        return None
+    value = d[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{where}{key} = {value!r}: must be an integer >= {low}")
+    return value
+
+
+def _check_llm_fields(d: dict, where: str) -> None:
+    """The sizes the decoder is built from: positive integers that divide as attention needs."""
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        _whole(d, key, where)
+    heads, kv = d["num_attention_heads"], _whole(d, "num_key_value_heads", where, required=False)
+    if kv is not None and heads % kv:
+        raise ValueError(f"{where}num_attention_heads = {heads} is not a multiple of "
+                         f"{where}num_key_value_heads = {kv}")
+    head_dim = _whole(d, "head_dim", where, required=False)
+    if head_dim is None and d["hidden_size"] % heads:
+        raise ValueError(f"{where}hidden_size = {d['hidden_size']} is not a multiple of "
+                         f"{where}num_attention_heads = {heads}")
+    for key in ("rope_theta", "rms_norm_eps"):
+        value = d.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+                                  or value == float("inf")):
+            raise ValueError(f"{where}{key} = {value!r}: must be a positive number")
+
+
+def _check_vision_fields(d: dict, v: dict) -> None:
+    for key in ("hidden_size", "patch_size", "image_size"):
+        _whole(v, key, "vision_config.", required=key == "hidden_size")
+    for key in ("force_image_size", "min_dynamic_patch", "max_dynamic_patch"):
+        _whole(d, key, "", required=False)
+    image_size = d.get("force_image_size") or v.get("image_size", 448)
+    if image_size % v.get("patch_size", 14):
+        raise ValueError(f"the image size {image_size} is not a multiple of vision_config.patch_size "
+                         f"{v.get('patch_size', 14)}")
+    ratio = d.get("downsample_ratio", 0.5)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1 or (1 / ratio) % 1:
+        raise ValueError(f"downsample_ratio = {ratio!r}: must be 1/n for a whole n (Mono-InternVL: 0.5)")
+    if d.get("min_dynamic_patch", 1) > d.get("max_dynamic_patch", 12):
+        raise ValueError(f"min_dynamic_patch = {d.get('min_dynamic_patch', 1)} is above max_dynamic_patch = "
+                         f"{d.get('max_dynamic_patch', 12)}")
+
+
+def _llm_from_hf(d: dict, *, family: str, visual_ffn_experts: bool, where: str = "") -> LLMConfig:
+    _check_llm_fields(d, where)
     theta, scaling = _rope_from_hf(d)
     return LLMConfig(
         vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
@@ -183,6 +238,13 @@ def _llm_from_hf(d: dict, *, family: str, visual_ffn_experts: bool) -> LLMConfig
     )
 
 
+def _architecture(d: dict, key: str, default: str = "<none>") -> str:
+    archs = d.get(key.rpartition(".")[2]) or [default]
+    if not isinstance(archs, list) or not isinstance(archs[0], str):
+        raise ValueError(f"{key} = {archs!r}: must be a list of architecture names")
+    return archs[0]
+
+
 def _llm_family(arch: str) -> str:
     return "internlm2" if arch == "InternLM2VEForCausalLM" else _FAMILY_OF[arch]
 
@@ -191,7 +253,8 @@ QUANT_METHOD = "monovl-int8"  # `quantization_config.quant_method` of checkpoint
 
 
 def from_hf_config(d: dict) -> ModelConfig:
-    """Map a Hugging Face `config.json` dict (InternVLChatModel or a supported *ForCausalLM) to a ModelConfig."""
+    """Map a Hugging Face `config.json` dict (InternVLChatModel or a supported *ForCausalLM) to a ModelConfig;
+    a missing, mistyped or impossible field is a ValueError that names it."""
     cfg = _from_hf_config(d)
     q = d.get("quantization_config")
     if q is not None:
@@ -203,7 +266,7 @@ def from_hf_config(d: dict) -> ModelConfig:
 
 
 def _from_hf_config(d: dict) -> ModelConfig:
-    arch = (d.get("architectures") or ["<none>"])[0]
+    arch = _architecture(_table(d, "the file"), "architectures")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {arch!r} in config.json; monovl supports "
                          f"{', '.join(SUPPORTED_ARCHITECTURES)}")
@@ -211,14 +274,18 @@ def _from_hf_config(d: dict) -> ModelConfig:
         llm = _llm_from_hf(d, family=_llm_family(arch), visual_ffn_experts=arch == "InternLM2VEForCausalLM")
         template = "internlm2-chat" if llm.family == "internlm2" else TOKENIZER_TEMPLATE
         return ModelConfig(llm=llm, vision=None, template=template, hf=copy.deepcopy(d))
-    v, llm = d["vision_config"], d["llm_config"]
-    llm_arch = (llm.get("architectures") or ["InternLM2VEForCausalLM"])[0]
+    for key in ("vision_config", "llm_config"):
+        if key not in d:
+            raise ValueError(f"lacks the field {key}")
+    v, llm = _table(d["vision_config"], "vision_config"), _table(d["llm_config"], "llm_config")
+    llm_arch = _architecture(llm, "llm_config.architectures", "InternLM2VEForCausalLM")
     if llm_arch not in SUPPORTED_ARCHITECTURES[2:]:
         raise ValueError(f"unsupported llm_config architecture {llm_arch!r}: monovl runs monolithic checkpoints "
                          f"whose LLM is one of {', '.join(SUPPORTED_ARCHITECTURES[2:])}")
+    _check_vision_fields(d, v)
     image_size = d.get("force_image_size") or v.get("image_size", 448)
     return ModelConfig(
-        llm=_llm_from_hf(llm, family=_llm_family(llm_arch), visual_ffn_experts=True),
+        llm=_llm_from_hf(llm, family=_llm_family(llm_arch), visual_ffn_experts=True, where="llm_config."),
         vision=VisionConfig(image_size=image_size, patch_size=v.get("patch_size", 14), hidden_size=v["hidden_size"]),
         downsample_ratio=d.get("downsample_ratio", 0.5), ps_version=d.get("ps_version", "v2"),
         template=d.get("template", "internlm2-chat"), dynamic_image_size=d.get("dynamic_image_size", True),

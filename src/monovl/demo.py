@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from monovl.checkpoint import SHIPPED_MODEL
+from monovl.checks import number
 from monovl.reproduce import CHANCE, TOKENIZER_VOCAB, VISUAL_BENCHES, evaluate_model, pct, visual_chance
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,13 @@ def visual_summary(scores: dict, counts: dict) -> str:
             f"{pct(visual_chance())} %)")
 
 
+def clean_summary(result: dict) -> str:
+    """One line on the clean drawings (bench/clean/mc.tsv): plain Pillow shapes, not the world's renderer."""
+    cats = ", ".join(f"{c} {pct(v['score'])} %" for c, v in sorted(result["categories"].items()))
+    return (f"clean drawings (plain Pillow shapes on white, another renderer): {pct(result['overall']['score'])} % of "
+            f"{result['overall']['n']} multiple-choice questions ({cats}; chance 25 %)")
+
+
 def demo(model_dir=None, out_dir="demo_report", *, write=lambda s: None, limit: int | None = None,
          examples: int = 4) -> dict:
     """Evaluate the tiny model on held-out benchmarks of a world seed it never trained on (seed 1; it trained on
@@ -46,6 +54,7 @@ def demo(model_dir=None, out_dir="demo_report", *, write=lambda s: None, limit: 
     from monovl import load
     from monovl.conversation import Conversation
     from monovl.eval.benchmarks import load_benchmark
+    from monovl.eval.run import evaluate
     from monovl.world import generate_world
 
     model_dir, out = Path(model_dir or SHIPPED_MODEL), Path(out_dir)
@@ -54,11 +63,13 @@ def demo(model_dir=None, out_dir="demo_report", *, write=lambda s: None, limit: 
                                 "`monovl demo --reproduce --out DIR`, then pass --model DIR/runs/delta/s2/final")
     model, tokenizer = load(model_dir, dtype=torch.float32)
     world = out / "world"
-    if not (world / "bench" / "open.tsv").is_file():
+    if not all((world / "bench" / f).is_file() for f in ("open.tsv", "clean/mc.tsv")):
         generate_world(world, seed=1, scale="eval")
     scores, cats, counts = evaluate_model(model, tokenizer, world / "bench", out / "eval", limit=limit)
     table, summary = category_table(scores, cats, counts), visual_summary(scores, counts)
-    write(table + f"\n{summary}\n")
+    clean = clean_summary(evaluate(model, tokenizer, world / "bench" / "clean" / "mc.tsv", out_dir=out / "eval",
+                                   limit=limit, progress=False, batch_size=16, max_tiles=4, max_new_tokens=16))
+    write(table + f"\n{summary}\n{clean}\n")
     lines = []
     for item in load_benchmark(world / "bench" / "open.tsv").items[:examples]:
         image = _save_image(out / "examples", item)
@@ -71,9 +82,9 @@ def demo(model_dir=None, out_dir="demo_report", *, write=lambda s: None, limit: 
     _category_chart(out / "categories.png", cats, counts)
     report = out / "report.md"
     report.write_text(f"# monovl demo: {model_dir}\n\nHeld-out pictures of a world seed the model never trained on. "
-                      f"{summary[0].upper() + summary[1:]}.\n\n{table}\n## Example answers\n\n" + "\n".join(lines)
+                      f"{summary[0].upper() + summary[1:]}.\n\n{table}\n{clean}.\n\n## Example answers\n\n" + "\n".join(lines)
                       + "\n\n![per-category accuracy](categories.png)\n")
-    return {"scores": scores, "categories": cats, "counts": counts, "report": report}
+    return {"scores": scores, "categories": cats, "counts": counts, "report": report, "clean": clean}
 
 
 def _save_image(folder: Path, item) -> Path:
@@ -145,9 +156,10 @@ def register(subparsers) -> None:
                    help="--reproduce: also pre-train the stage-0 LLM (tokenizer, reading curriculum; about an hour)")
     p.add_argument("--out", default="demo_report", help="output folder (report, charts, runs)")
     p.add_argument("--scale", choices=sorted(TOKENIZER_VOCAB), default="default", help="--reproduce: world size")
-    p.add_argument("--steps-scale", type=float, default=1.0, help="--reproduce: multiply every recipe's steps")
-    p.add_argument("--eval-limit", type=int, default=100,
+    p.add_argument("--steps-scale", type=number(float, 0, low_open=True), default=1.0,
+                   help="--reproduce: multiply every recipe's steps")
+    p.add_argument("--eval-limit", type=number(int, 0), default=100,
                    help="--reproduce: questions per benchmark after each stage (0: all)")
     p.add_argument("--model", help="model folder (default: the shipped tiny model)")
-    p.add_argument("--limit", type=int, default=0, help="questions per benchmark (default 0: all 300)")
+    p.add_argument("--limit", type=number(int, 0), default=0, help="questions per benchmark (default 0: all 300)")
     p.set_defaults(func=_cmd_demo)

@@ -8,6 +8,7 @@ speed benchmark) goes through: `embed_prompt` (token embeddings with image featu
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from numbers import Integral
 
 import torch
 
@@ -81,6 +82,8 @@ def stream_generate(model, input_ids, pixel_values: torch.Tensor | None = None, 
     rows = _as_rows(input_ids)
     if not rows or any(len(r) == 0 for r in rows):
         raise ValueError("every prompt needs at least one token")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens = {max_new_tokens!r}: must be a whole number >= 0")
     device = next(model.parameters()).device
     pad = model.cfg.llm.pad_token_id if pad_token_id is None else pad_token_id
     lengths = torch.tensor([len(r) for r in rows], device=device)  # (B,)

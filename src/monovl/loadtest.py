@@ -51,10 +51,12 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max
 async def _run(url, clients, requests, max_tokens, model, api_key, time_limit) -> dict:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(time_limit)) as client:
-        if model is None:
+        try:  # the server is there and answers, before any client starts
             r = await client.get(f"{url}/models")
             r.raise_for_status()
-            model = r.json()["data"][0]["id"]
+            model = model or r.json()["data"][0]["id"]
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as e:
+            raise ValueError(f"cannot list the models of the server at {url}: {e or type(e).__name__}") from None
         todo = iter(range(requests))
         results: list[dict] = []
         deadline = time.monotonic() + time_limit

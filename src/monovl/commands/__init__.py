@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from monovl.checks import number  # noqa: F401 (the commands' numeric flag type)
+
 
 def add_model_args(p: argparse.ArgumentParser, *, required: bool = False, default_help: str | None = None) -> None:
     """--model, --dtype and --device, parsed by `monovl.checkpoint.model_dir` / `parse_dtype` and `monovl.load`."""
@@ -19,23 +21,6 @@ def add_model_args(p: argparse.ArgumentParser, *, required: bool = False, defaul
     p.add_argument("--device", help="torch device, e.g. cuda:0 (default: cpu)")
     p.add_argument("--quantize", choices=["int8"], help="weight-only int8 (per-output-channel) for the decoder's "
                    "linears, head and embeddings; activations stay in --dtype (default: none)")
-
-
-def number(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False):
-    """An argparse type: a finite `kind` within [low, high] (`low_open`: above low), so that a bad value is
-    one usage line with exit code 2 instead of a traceback later."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-        bad = value != value or value in (float("inf"), float("-inf"))
-        bad = bad or (low is not None and (value <= low if low_open else value < low))
-        if bad or (high is not None and value > high):
-            lo, hi = ("-inf" if low is None else low), ("inf" if high is None else high)
-            raise argparse.ArgumentTypeError(f"{text!r} is outside {'(' if low_open else '['}{lo}, {hi}]")
-        return value
-    return parse
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from monovl.commands import add_generation_args, add_model_args, generation_kwargs
+from monovl.commands import add_generation_args, add_model_args, generation_kwargs, number
 
 
 HELP = ("commands: '/image PATH' attaches an image to your next message, '/reset' starts a new conversation, "
@@ -18,9 +18,20 @@ def _answer(conv, question: str, images: list[str], gen: dict) -> None:
     print()
 
 
-def _missing_images(paths) -> str | None:
+def _bad_images(paths) -> str | None:
+    """Why the image files cannot be used (missing, not an image, corrupt, too large), or None: checked before
+    the model loads and before an interactive /image is attached."""
     bad = [p for p in paths if not Path(p).is_file()]
-    return f"no such image file: {', '.join(bad)}" if bad else None
+    if bad:
+        return f"no such image file: {', '.join(bad)}"
+    from monovl.images import ImageError, load_image
+
+    for path in paths:
+        try:
+            load_image(path).close()
+        except ImageError as e:
+            return str(e)
+    return None
 
 
 def _discard_typeahead() -> None:
@@ -35,12 +46,16 @@ def _discard_typeahead() -> None:
 
 
 def cmd_chat(args) -> int:
-    if problem := _missing_images(args.image):  # before the model loads
+    if problem := _bad_images(args.image):  # before the model loads
         print(f"error: {problem}", file=sys.stderr)
         return 2
     from monovl import load
-    from monovl.checkpoint import parse_dtype
+    from monovl.checkpoint import model_dir, parse_dtype, read_config
     from monovl.conversation import Conversation
+
+    if args.image and read_config(model_dir(args.model)).vision is None:
+        print(f"error: {model_dir(args.model)} is a text-only LLM: it cannot take --image", file=sys.stderr)
+        return 2
 
     model, tokenizer = load(args.model, dtype=parse_dtype(args.dtype), device=args.device, quantize=args.quantize)
 
@@ -68,7 +83,7 @@ def _command(line: str, state: dict, new_conversation) -> bool:
         print(HELP, file=sys.stderr)
     elif name == "/image":
         paths = shlex.split(rest)
-        problem = _missing_images(paths) or (None if paths else "usage: /image PATH")
+        problem = _bad_images(paths) or (None if paths else "usage: /image PATH")
         if problem:
             print(f"error: {problem}", file=sys.stderr)
         else:
@@ -110,7 +125,7 @@ def register(subparsers) -> None:
     c.add_argument("--image", action="append", default=[], help="image file for the first message (repeatable)")
     c.add_argument("--prompt", help="answer this one message and exit")
     c.add_argument("--system", help="system message (default: the template's)")
-    c.add_argument("--max-tiles", type=int, help="tile budget per image (default: the checkpoint's)")
+    c.add_argument("--max-tiles", type=number(int, 1), help="tile budget per image (default: the checkpoint's)")
     c.add_argument("--raw-special-tokens", action="store_true",
                    help="tokenize special tokens you type (<|im_end|>, ...) as control tokens; default: they stay text")
     add_generation_args(c)

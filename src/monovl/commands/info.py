@@ -1,5 +1,8 @@
-"""`monovl info`: architecture, parameter counts and tokenizer facts of a checkpoint, without its weights."""
+"""`monovl info`: architecture, parameter counts and tokenizer facts of a checkpoint; the weights' headers are
+checked (every tensor present, readable, float, of the right shape), their values are not read."""
 from __future__ import annotations
+
+import sys
 
 
 def _count(n: int) -> str:
@@ -9,7 +12,7 @@ def _count(n: int) -> str:
 def cmd_info(args) -> int:
     import torch
 
-    from monovl.checkpoint import read_config
+    from monovl.checkpoint import check_weights, read_config
     from monovl.model import MonoInternVL
     from monovl.tokenizer import Tokenizer
 
@@ -40,6 +43,11 @@ def cmd_info(args) -> int:
           f"<IMG_CONTEXT> {tok.token_to_id('<IMG_CONTEXT>')}; "
           f"stop ids {tok.stop_token_ids}")
     print(f"template          {cfg.template}")
+    if problem := check_weights(args.model, cfg):  # headers only: names, shapes, dtypes, truncation
+        print(f"error: {args.model}: {problem}", file=sys.stderr)
+        return 2
+    int8 = " (int8 weights with their scales)" * bool(cfg.quantization)
+    print(f"weights           ok: every tensor present, float{int8}, with the shapes of config.json")
     return 0
 
 

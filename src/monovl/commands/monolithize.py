@@ -8,9 +8,11 @@ def cmd_monolithize(args) -> int:
 
     from monovl import load
     from monovl.checkpoint import parse_dtype, save_model
+    from monovl.checks import writable_dir
     from monovl.config import preset
     from monovl.train.monolithize import monolithize
 
+    writable_dir(args.out_dir)  # before the LLM loads
     geometry = preset(args.vision)
     if geometry.vision is None:
         raise ValueError(f"preset {args.vision!r} has no vision part; choose one that has (e.g. tiny, "
@@ -30,6 +32,8 @@ def cmd_monolithize(args) -> int:
 
 
 def register(subparsers) -> None:
+    from monovl.commands import number
+
     p = subparsers.add_parser("monolithize", help="make a plain LLM folder (InternLM2, Qwen2/2.5, Qwen3, Llama) "
                               "monolithic")
     p.add_argument("llm_dir", help="Hugging Face folder of the LLM (config.json, safetensors, tokenizer files)")
@@ -39,7 +43,8 @@ def register(subparsers) -> None:
                    "gets")
     p.add_argument("--attention-experts", action="store_true",
                    help="also add visual attention experts (Mono-InternVL-1.5 / EViP++)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the patch embedding and mlp1 initialisation")
+    p.add_argument("--seed", type=number(int, -(2**63), 2**64 - 1), default=0,
+                   help="seed of the patch embedding and mlp1 initialisation")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="dtype of the written weights (default: float32)")
     p.set_defaults(func=cmd_monolithize)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from monovl.commands import add_model_args
+from monovl.commands import add_model_args, number
 
 
 def _load(args, device, dtype):
@@ -44,12 +44,12 @@ def cmd_bench(args) -> int:
     import torch
 
     from monovl import speed
-    from monovl.checkpoint import default_dtype, parse_dtype
+    from monovl.checkpoint import default_dtype, parse_device, parse_dtype
     from monovl.model import quant
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype(args.dtype) or default_dtype(device)
     model = _load(args, device, dtype)
     c = model.cfg.llm
@@ -89,18 +89,18 @@ def register(subparsers) -> None:
     b = subparsers.add_parser("bench", help="prefill/decode speed vs this machine's GEMM peak and read bandwidth")
     add_model_args(b, default_help="a checkpoint folder (default: random weights of --preset)")
     b.add_argument("--preset", default="mono-internvl-2b", help="geometry of the random model")
-    b.add_argument("--layers", type=int, help="override the number of decoder layers")
-    b.add_argument("--tiles", type=int, default=1, help="image tiles in the prompt")
-    b.add_argument("--text-tokens", type=int, default=32, help="text tokens in the prompt (and in turn 2)")
-    b.add_argument("--decode-tokens", type=int, default=16, help="tokens decoded per round")
-    b.add_argument("--repeat", type=int, default=3, help="interleaved rounds; the best of each route counts")
+    b.add_argument("--layers", type=number(int, 1), help="override the number of decoder layers")
+    b.add_argument("--tiles", type=number(int, 0), default=1, help="image tiles in the prompt")
+    b.add_argument("--text-tokens", type=number(int, 1), default=32, help="text tokens in the prompt (and in turn 2)")
+    b.add_argument("--decode-tokens", type=number(int, 1), default=16, help="tokens decoded per round")
+    b.add_argument("--repeat", type=number(int, 1), default=3, help="interleaved rounds; the best of each route counts")
     b.add_argument("--no-dense", action="store_true", help="skip the dense-blend comparison")
-    b.add_argument("--agreement-tokens", type=int, default=64,
+    b.add_argument("--agreement-tokens", type=number(int, 1), default=64,
                    help="with --quantize: greedy tokens over which int8 and the float model are compared")
     b.add_argument("--modular", action="store_true",
                    help="also time a modular MLLM's TTFT: an InternViT-300M-shaped encoder (random weights) before "
                         "the same LLM")
-    b.add_argument("--threads", type=int,
+    b.add_argument("--threads", type=number(int, 1),
                    help="torch CPU threads (default: torch's; on a CPU shared with other work, 1 is steadier)")
     b.add_argument("--json", action="store_true", help="print every figure as one JSON object on the last line")
     b.set_defaults(func=cmd_bench)

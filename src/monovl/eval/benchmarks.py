@@ -83,6 +83,7 @@ class Benchmark:
     name: str
     kind: str
     items: list[Item]
+    path: Path | None = None  # the TSV it was read from
 
     @property
     def has_answers(self) -> bool:
@@ -111,10 +112,21 @@ def read_rows(path) -> tuple[list[str], list[dict[str, str]]]:
     if not path.is_file():
         raise FileNotFoundError(f"benchmark file {path} does not exist")
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # base64 images make very long cells
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        rows = list(reader)
-        columns = list(reader.fieldnames or [])
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter="\t")
+            rows = []
+            for row in reader:
+                if None in row or None in row.values():  # more cells than the header, or fewer
+                    cells = len(row.pop(None, [])) + sum(v is not None for v in row.values())
+                    raise ValueError(f"{path}:{reader.line_num}: {cells} cells where the header has "
+                                     f"{len(reader.fieldnames)} columns ({', '.join(reader.fieldnames)})")
+                rows.append(row)
+            columns = list(reader.fieldnames or [])
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not a UTF-8 text file (a benchmark TSV is; byte {e.start}: {e.reason})") from None
+    except csv.Error as e:
+        raise ValueError(f"{path}: not a readable TSV file ({e})") from None
     if not columns:
         raise ValueError(f"{path}: empty benchmark file (no header row)")
     for needed in ("index", "question"):
@@ -128,11 +140,19 @@ def _option_columns(columns: list[str]) -> list[str]:
     return letters
 
 
+def _is_index(cell: str) -> bool:
+    """A short image cell that is a row index refers to that row's image; any other cell is image data."""
+    try:
+        return float(cell.strip()).is_integer()
+    except ValueError:
+        return False
+
+
 def _images(row: dict[str, str], by_index: dict[str, dict], base: Path) -> tuple[list[ImageRef], str | None]:
     cell = row.get("image")
     if not _missing(cell):
         key = row["index"].strip()
-        if len(cell.strip()) <= 64:  # a reference to the row that holds the image
+        if len(cell.strip()) <= 64 and _is_index(cell):  # a reference to the row that holds the image
             key = cell.strip()
             if key not in by_index or _missing(by_index[key].get("image")):
                 return [ImageRef(error=f"image refers to index {key!r}, which has no image")], f"index:{key}"
@@ -192,7 +212,13 @@ def load_benchmark(path, kind: str | None = None) -> Benchmark:
             category=None if _missing(row.get("category")) else row["category"].strip(), extra=extra))
     if not items:
         raise ValueError(f"{path}: no rows")
-    return Benchmark(name=path.stem, kind=kind or kind_from_name(path.stem) or infer_kind(items), items=items)
+    return Benchmark(name=path.stem, kind=kind or kind_from_name(path.stem) or infer_kind(items), items=items,
+                     path=path)
+
+
+def as_benchmark(bench, kind: str | None = None) -> Benchmark:
+    """`bench` if already read (a Benchmark), else the TSV at that path read with `load_benchmark`."""
+    return bench if isinstance(bench, Benchmark) else load_benchmark(bench, kind)
 
 
 def sample_items(items: list[Item], limit: int, seed: int = 0) -> list[Item]:

@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import defaultdict
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
 
 from monovl.eval import scoring
-from monovl.eval.benchmarks import (CIRCULAR_STEP, Benchmark, Item, build_prompt, circular_items, load_benchmark,
+from monovl.checks import writable_dir, write_failed
+from monovl.eval.benchmarks import (CIRCULAR_STEP, Benchmark, Item, as_benchmark, build_prompt, circular_items,
                                     sample_items)
 from monovl.generation import generate
 from monovl.images import ImageError
@@ -64,8 +66,11 @@ def _generate(model, tokenizer, prepared: list[ModelInputs], max_new_tokens: int
 
 
 def predict(model, tokenizer, items: list[Item], kind: str, *, batch_size: int = 8, max_tiles: int = 6,
-            max_new_tokens: int = 64, progress: bool = True) -> list[tuple[str, str | None]]:
-    """(prediction, error) per item, in order. A row whose image or generation fails gets ("", error)."""
+            max_new_tokens: int = 64, progress: bool = True,
+            on_batch: Callable[[list[tuple[Item, str, str | None]]], None] | None = None
+            ) -> list[tuple[str, str | None]]:
+    """(prediction, error) per item, in order. A row whose image or generation fails gets ("", error).
+    `on_batch` receives (item, prediction, error) of each batch as soon as it is answered."""
     results: list[tuple[str, str | None]] = [("", None)] * len(items)
     order = sorted(range(len(items)), key=lambda i: (len(items[i].images), len(items[i].question)))
     bar = tqdm(total=len(items), disable=not progress, desc="eval", unit="q")
@@ -88,6 +93,8 @@ def predict(model, tokenizer, items: list[Item], kind: str, *, batch_size: int =
                                  for i, p in zip(batch, prepared)]
             for i, r in zip(batch, results_batch):
                 results[i] = r
+        if on_batch is not None:
+            on_batch([(items[i], *results[i]) for i in order[start : start + batch_size]])
         bar.update(min(batch_size, len(order) - start))
     bar.close()
     return results
@@ -217,27 +224,67 @@ def finish(bench: Benchmark, records: list[dict], circular: bool, settings: dict
 def evaluate(model, tokenizer, bench_path, *, out_dir=None, kind: str | None = None, batch_size: int = 8,
              max_tiles: int = 6, max_new_tokens: int | None = None, limit: int | None = None,
              circular: bool = False, progress: bool = True, seed: int = 0, judge=None) -> dict:
-    """Evaluate on one benchmark TSV; returns the results dict, also written to `out_dir` when given as
-    NAME.predictions.jsonl, NAME.results.json and NAME.results.md."""
-    bench = load_benchmark(bench_path, kind)
+    """Evaluate on one benchmark (a TSV path, or a Benchmark already read); returns the results dict, also
+    written to `out_dir` when given as NAME.predictions.jsonl, NAME.results.json and NAME.results.md. The
+    folder is checked before the first question, and NAME.predictions.jsonl receives each batch's predictions
+    as they are made, so an interrupted run keeps them (`monovl eval --predictions` scores such a file)."""
+    bench = as_benchmark(bench_path, kind)
     items, circular = select_items(bench, limit=limit, circular=circular, seed=seed)
     max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[bench.kind]
-    outputs = predict(model, tokenizer, items, bench.kind, batch_size=batch_size, max_tiles=max_tiles,
-                      max_new_tokens=max_new_tokens, progress=progress)
+    with PredictionStream(out_dir, bench.name) as stream:
+        outputs = predict(model, tokenizer, items, bench.kind, batch_size=batch_size, max_tiles=max_tiles,
+                          max_new_tokens=max_new_tokens, progress=progress, on_batch=stream.write)
     records = score_rows(items, bench.kind, outputs, judge, circular)
-    settings = {"bench": str(bench_path), "batch_size": batch_size, "max_tiles": max_tiles,
+    settings = {"bench": str(bench.path or bench_path), "batch_size": batch_size, "max_tiles": max_tiles,
                 "max_new_tokens": max_new_tokens, "limit": limit, "seed": seed,
                 "judge": judge.describe() if judge is not None else None}
     return finish(bench, records, circular, settings, out_dir)
 
 
+class PredictionStream:
+    """NAME.predictions.jsonl in `out_dir` (nothing without one), one {"index", "prediction", "error"} line per
+    answered row, flushed per batch; `write_outputs` later replaces it with the scored records."""
+
+    def __init__(self, out_dir, name: str):
+        self.out = writable_dir(out_dir) if out_dir is not None else None
+        self.file = None if self.out is None else self.out / f"{name}.predictions.jsonl"
+        self.handle = None
+
+    def __enter__(self) -> "PredictionStream":
+        if self.file is not None:
+            self.handle = self._io(lambda: self.file.open("w", encoding="utf-8"))
+        return self
+
+    def write(self, rows: list[tuple[Item, str, str | None]]) -> None:
+        if self.handle is None:
+            return
+        text = "".join(json.dumps({"index": item.index, "prediction": p, "error": e}, ensure_ascii=False) + "\n"
+                       for item, p, e in rows)
+        self._io(lambda: (self.handle.write(text), self.handle.flush()))
+
+    def _io(self, action):
+        try:
+            return action()
+        except OSError as e:
+            raise write_failed(e, self.out) from None
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.close()
+
+
 def write_outputs(out_dir, name: str, records: list[dict], results: dict) -> None:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / f"{name}.predictions.jsonl").open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    (out / f"{name}.results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n",
-                                              encoding="utf-8")
-    (out / f"{name}.results.md").write_text(format_markdown(results), encoding="utf-8")
+    """Each file is written beside its final name and then renamed, so a failed write keeps the old file."""
+    out = writable_dir(out_dir)
+    texts = {"predictions.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+             "results.json": json.dumps(results, indent=2, ensure_ascii=False) + "\n",
+             "results.md": format_markdown(results)}
+    for suffix, text in texts.items():
+        final, tmp = out / f"{name}.{suffix}", out / f".{name}.{suffix}.tmp"
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, final)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise write_failed(e, out) from None
 

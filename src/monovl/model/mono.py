@@ -1,6 +1,8 @@
 """Mono-InternVL: a patch embedding feeding a Llama-style decoder (InternLM2, Qwen, Llama) with visual experts."""
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -58,5 +60,28 @@ class MonoInternVL(nn.Module):
                                    dense=dense, cache_rows=cache_rows, labels=labels, loss_chunk=loss_chunk)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        p = self.language_model.model.norm.weight  # float, also when the linears are int8
-        return KVCache(self.cfg.llm, batch, max_len, p.dtype, p.device)
+        """A KV cache of `batch` rows × `max_len` positions; a ValueError when it cannot fit the device's memory
+        (checked before allocating: a huge token budget must not start filling the machine's RAM)."""
+        p, c = self.language_model.model.norm.weight, self.cfg.llm  # float, also when the linears are int8
+        need = 2 * c.num_layers * batch * c.num_kv_heads * max_len * c.head_dim * p.element_size()
+        have = _memory_bytes(p.device)
+        too_big = f"the KV cache of {batch} × {max_len} positions needs {need / 2**30:.1f} GiB"
+        if have is not None and need > have:
+            raise ValueError(f"{too_big}, more than the {have / 2**30:.1f} GiB of {p.device}: ask for fewer tokens")
+        try:
+            return KVCache(c, batch, max_len, p.dtype, p.device)
+        except RuntimeError as e:  # torch.OutOfMemoryError too
+            raise ValueError(f"{too_big}, which {p.device} cannot allocate ({str(e).splitlines()[0]}): ask for "
+                             "fewer tokens") from None
+
+
+def _memory_bytes(device: torch.device) -> int | None:
+    """All the memory of `device` (not what is free), or None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return None
+    return None

@@ -1,5 +1,6 @@
 """OpenAI-compatible HTTP API over an `Engine`: /v1/chat/completions (streaming or not), /v1/models,
-/health and Prometheus /metrics. Every bad request gets a 4xx with an OpenAI-style error body."""
+/health, Prometheus /metrics and the browser chat page at / (`page`). Every bad request gets a 4xx with an
+OpenAI-style error body."""
 from __future__ import annotations
 
 import asyncio
@@ -15,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from monovl.serve.engine import Engine, QueueFull, Request, SamplingParams
 from monovl.serve.http import Gate
+from monovl.serve.page import add_chat_page
 from monovl.serve.prompts import build_prompt
 from monovl.serve.protocol import APIError, ChatRequest, ServeConfig, error_response
 from monovl.serve.streaming import Dispatcher, Run, cancel_on_disconnect, sse
@@ -49,6 +51,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, cfg: ServeConfig) -> FastAP
                        errors=metrics.errors)
     _add_error_handlers(app, metrics)
     dispatcher = Dispatcher()
+    add_chat_page(app)
 
     @app.get("/health")
     async def health():

@@ -192,6 +192,10 @@ class Engine:
         except (ValueError, RuntimeError) as e:
             self._finish(r, "error", f"cannot run this prompt: {e}")
             return
+        except Exception:  # a bug met by this prompt ends this request, not the others
+            log.exception("request %d: prefill failed", r.id)
+            self._finish(r, "error", "internal error in the generation engine")
+            return
         r.prefilled = b
         if b == r.prompt_len:
             r.embeds = None
@@ -220,11 +224,28 @@ class Engine:
         ids = torch.cat([r.input_ids, torch.tensor(r.tokens[:-1], dtype=torch.long)])
         self.prefix.insert(ids, self.cache.k[:, r.slot, :, :n], self.cache.v[:, r.slot, :, :n])
 
-    def _decode(self, batch: Sequence[Request]) -> None:
+    def _forward(self, batch: Sequence[Request]) -> torch.Tensor:
         tok = torch.tensor([r.pending for r in batch], device=self.device)  # (B,)
         pos = torch.tensor([r.prompt_len + r.generated - 1 for r in batch], device=self.device)  # (B,)
         rows = torch.tensor([r.slot for r in batch], device=self.device)  # (B,)
-        logits = decode_one_token(self.model, tok, pos, self.cache, cache_rows=rows)  # (B, V)
+        return decode_one_token(self.model, tok, pos, self.cache, cache_rows=rows)  # (B, V)
+
+    def _decode(self, batch: Sequence[Request]) -> None:
+        """One decode step for `batch`. If the batched forward fails, each request is retried alone (writing the
+        same cache positions again), so that only the requests whose own forward fails are ended."""
+        try:
+            logits = self._forward(batch)
+        except Exception as e:
+            log.warning("batched decode of %d requests failed (%s); retrying them one by one", len(batch), e)
+            for r in batch:
+                try:
+                    logits = self._forward([r])
+                except Exception:
+                    log.exception("request %d: decode failed", r.id)
+                    self._finish(r, "error", "internal error in the generation engine")
+                    continue
+                self._accept(r, logits)
+            return
         greedy = logits.argmax(-1).tolist()  # one host sync for every greedy row
         for i, r in enumerate(batch):
             self._accept(r, logits[i : i + 1], greedy[i] if r.params.temperature <= 0 else None)
@@ -250,7 +271,12 @@ class Engine:
         if tok in p.stop_token_ids and not p.ignore_eos:
             self._finish(r, "done", "stop")
             return
-        r.on_event("token", tok)
+        try:
+            r.on_event("token", tok)
+        except Exception:  # a failing callback ends its own request only
+            log.exception("request %d: event callback failed", r.id)
+            self._finish(r, "error", "internal error while sending the answer")
+            return
         if r.generated >= p.max_tokens or r.prompt_len + r.generated >= self.max_len:
             self._finish(r, "done", "length")
         else:

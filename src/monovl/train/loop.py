@@ -21,6 +21,7 @@ from monovl.train.freeze import freeze, param_groups
 from monovl.train.lora import apply_lora, merge_lora
 from monovl.train.metrics import MetricsWriter
 from monovl.train.objective import loss as loss_of
+from monovl.train.preflight import check_space, preflight
 from monovl.train.recipe import TrainConfig, to_dict, validate
 from monovl.train.state import clean_temporary, list_states, load_state, newest_good_state, save_state
 
@@ -152,9 +153,14 @@ def _to(batch: dict, device) -> dict:
 
 
 def _device(name: str) -> torch.device:
+    from monovl.checkpoint import parse_device
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        return parse_device(name)
+    except ValueError as e:
+        raise ValueError(f"run.device: {e}") from None
 
 
 def prepare_model(cfg: TrainConfig, device: torch.device, mesh, compute_dtype):
@@ -242,13 +248,25 @@ def _open_metrics(cfg: TrainConfig, run_dir: Path, start: int) -> MetricsWriter:
     return metrics
 
 
-def train(cfg: TrainConfig, data=None) -> dict:
+def _prepare(cfg: TrainConfig, device: torch.device, mesh, compute_dtype, rank: int):
+    """(model, tokenizer, trainable parameters); rank 0 checks that the disk can hold a training state."""
+    model, tokenizer = prepare_model(cfg, device, mesh, compute_dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if rank == 0:
+        check_space(Path(cfg.run.out_dir), sum(p.numel() for p in model.parameters()), sum(p.numel() for p in params))
+    return model, tokenizer, params
+
+
+def train(cfg: TrainConfig, data=None, *, force: bool = False) -> dict:
     """Run `cfg`; `data` (an iterator of batch dicts with state_dict/load_state_dict) replaces `[data]`.
-    Returns {"step", "losses", "skipped", "run_dir", "final"}."""
+    Returns {"step", "losses", "skipped", "run_dir", "final"} (and "already_done" for a finished run). A run
+    folder holding a run of another recipe is refused unless `force` (see `preflight`)."""
     device, rank, world, mesh, compute_dtype = _setup(cfg)
+    if (done := preflight(cfg, rank, force)) is not None:
+        return done
     run_dir, o, total = Path(cfg.run.out_dir), cfg.optim, cfg.schedule.steps
     ckpt_dir = run_dir / "checkpoints"
-    model, tokenizer = prepare_model(cfg, device, mesh, compute_dtype)
+    model, tokenizer, params = _prepare(cfg, device, mesh, compute_dtype, rank)
     autocast_dtype = compute_dtype if mesh is None else None  # FSDP casts parameters itself
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -263,7 +281,6 @@ def train(cfg: TrainConfig, data=None) -> dict:
         save_state(ckpt_dir, step, model, optimizer, trainer, cfg.checkpoint.keep_last)
 
     metrics = _open_metrics(cfg, run_dir, start) if rank == 0 else None
-    params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(total=total, initial=start, disable=not cfg.run.progress or rank != 0, desc="train",
                dynamic_ncols=True)
     losses, consecutive = [], 0
@@ -290,10 +307,7 @@ def train(cfg: TrainConfig, data=None) -> dict:
             bar.update(1)
             if consecutive >= cfg.run.max_consecutive_nonfinite:
                 save(step)
-                raise NonFiniteLossError(
-                    f"{consecutive} non-finite (NaN/inf) steps in a row, up to step {step}: stopping; the training "
-                    f"state was saved in {ckpt_dir}. Lower optim.lr, check the data, or raise "
-                    "run.max_consecutive_nonfinite")
+                raise _nonfinite(consecutive, step, ckpt_dir)
             if step == total or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
                 save(step)
         final = _export(model, tokenizer, run_dir / "final", device, cfg.model) if cfg.checkpoint.export else None
@@ -302,6 +316,12 @@ def train(cfg: TrainConfig, data=None) -> dict:
         if metrics is not None:
             metrics.close()
     return {"step": total, "losses": losses, "skipped": skipped, "run_dir": run_dir, "final": final}
+
+
+def _nonfinite(consecutive: int, step: int, ckpt_dir: Path) -> NonFiniteLossError:
+    return NonFiniteLossError(
+        f"{consecutive} non-finite (NaN/inf) steps in a row, up to step {step}: stopping; the training state was "
+        f"saved in {ckpt_dir}. Lower optim.lr, check the data, or raise run.max_consecutive_nonfinite")
 
 
 def _export(model, tokenizer, path: Path, device: torch.device, m) -> Path | None:

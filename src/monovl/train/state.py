@@ -97,6 +97,9 @@ def save_state(ckpt_dir, step: int, model, optimizer, trainer: dict, keep_last: 
         if final.exists():  # a state of the same step from an earlier attempt
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        raise StateWriteError(f"cannot write the training state {final.name} in {ckpt_dir}: {_cause(e, ckpt_dir)}; "
+                              "the states written before it are kept") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _fsync_dir(ckpt_dir)
@@ -104,6 +107,17 @@ def save_state(ckpt_dir, step: int, model, optimizer, trainer: dict, keep_last: 
         shutil.rmtree(old)
     log.info("saved training state %s", final)
     return final
+
+
+class StateWriteError(OSError):
+    """A training state could not be written (disk full, read-only folder, ...); the message names the folder."""
+
+
+def _cause(e: BaseException, folder: Path) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    free = shutil.disk_usage(folder).free
+    return f"no space left on the disk ({free} bytes free)" if free < 2**24 else str(e).splitlines()[0]
 
 
 def clean_temporary(ckpt_dir) -> list[Path]:

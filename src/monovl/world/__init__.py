@@ -14,6 +14,7 @@
     */heldout.jsonl                                 held-out split of each of the above
     bench/{mc,yesno,open,text}.tsv                  VLMEvalKit benchmarks on held-out images / facts
     bench/described/{mc,yesno,open}.tsv             the visual benchmarks with each image given as its caption
+    bench/clean/mc.tsv                              colour/shape/count on plain Pillow drawings (another renderer)
     world.json                                      manifest: seed, scale, vocabulary, counts, paths
 """
 from __future__ import annotations
@@ -29,9 +30,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from monovl.checks import write_failed, writable_dir
 from monovl.world import data as D
+from monovl.world.clean import clean_bench
 from monovl.world.images import (BACKGROUNDS, COLOURS, IMAGE_SIZES, NUMBERS, PATTERNS, POSITIONS, SHAPES, SIZES,
-                                 TILE, WORDS, Scene, png_bytes, render, sample_scene)
+                                 TILE, WORDS, Scene, Style, png_bytes, render, sample_scene,
+                                 sample_style)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,9 @@ SCALES = {
                         heldout=8, bench=20, shard_size=10),
     "default": WorldScale(train_images=3000, heldout_images=300, s1_3=6000, s2=3000, text=8000, chat=4000,
                           reading=100000, heldout=200, bench=300, shard_size=500),
+    # more images and image-text samples (same texts and benchmarks): for long runs that would repeat the default's
+    "large": WorldScale(train_images=20000, heldout_images=300, s1_3=60000, s2=20000, text=8000, chat=4000,
+                        reading=100000, heldout=200, bench=300, shard_size=1000),
     # held-out benchmarks only (no training data): what `monovl demo` evaluates, on a seed the model never saw
     "eval": WorldScale(train_images=0, heldout_images=300, s1_3=0, s2=0, text=0, chat=0, reading=0, heldout=1,
                        bench=300, shard_size=500),
@@ -117,9 +124,10 @@ def _scenes(rng: random.Random, n: int, exclude: set[Scene]) -> list[Scene]:
     return out
 
 
-def _write_images(folder: Path, scenes: list[Scene]) -> list[bytes]:
+def _write_images(folder: Path, scenes: list[Scene], rng: random.Random | None = None) -> list[bytes]:
+    """PNGs of `scenes`, each in a style sampled from `rng` (None: the world's own look)."""
     folder.mkdir(parents=True, exist_ok=True)
-    pngs = [png_bytes(render(s)) for s in scenes]
+    pngs = [png_bytes(render(s, sample_style(rng) if rng else Style())) for s in scenes]
     for i, png in enumerate(pngs):
         (folder / f"{i:06d}.png").write_bytes(png)
     return pngs
@@ -245,6 +253,7 @@ def _bench_files(w: _Writer, sc: WorldScale, heldout: list[Scene], held_png: lis
         w.tsv(f"bench_{kind}", f"bench/{kind}.tsv", rows, columns)
         w.tsv(f"bench_described_{kind}", f"bench/described/{kind}.tsv", described,
               [c for c in columns if c != "image"])
+    w.tsv("bench_clean", "bench/clean/mc.tsv", clean_bench(w.rng("bench_clean"), sc.bench), MC_COLUMNS)
     r = w.rng("bench_text")
     text_rows = [(f.question, f.answer, "fact") for f in r.sample(facts, min(len(facts), sc.bench // 2))]
     text_rows += [(q, a, "arithmetic") for q, a in held_sums[:sc.bench - len(text_rows)]]
@@ -262,7 +271,9 @@ def generate_world(out_dir: str | Path, *, seed: int = 0, scale: str = "default"
     heldout = _scenes(w.rng("heldout"), sc.heldout_images, set())
     train = _scenes(w.rng("train"), sc.train_images, set(heldout))
     log.info("rendering %d training and %d held-out images", len(train), len(heldout))
-    train_png, held_png = _write_images(w.out / "images/train", train), _write_images(w.out / "images/heldout", heldout)
+    # training images vary the drawing (anti-aliasing, outlines, pure white); held-out ones keep the world's look
+    train_png = _write_images(w.out / "images/train", train, w.rng("style"))
+    held_png = _write_images(w.out / "images/heldout", heldout)
     facts = D.invent_facts(w.rng("facts"))
     sums, held_sums = D.arithmetic_pairs(w.rng("arithmetic"))
     _image_stages(w, sc, "train", train, train_png, facts, sums)
@@ -302,7 +313,11 @@ def world_texts(out_dir: str | Path) -> Iterator[str]:
 
 
 def _cmd_world(args) -> int:
-    result = generate_world(args.out_dir, seed=args.seed, scale=args.scale)
+    out = writable_dir(args.out_dir, "world folder")  # a file, read-only, no permission: before any work
+    try:
+        result = generate_world(out, seed=args.seed, scale=args.scale)
+    except OSError as e:  # e.g. the disk filled up
+        raise write_failed(e, out, "world folder") from None
     print(f"synthetic world (seed {args.seed}, scale {args.scale}) written to {result['root']}")
     for name, n in result["counts"].items():
         print(f"  {name:16s} {n:7d}  {result['paths'].get(name, '')}")
@@ -310,7 +325,7 @@ def _cmd_world(args) -> int:
 
 
 def register(subparsers) -> None:
-    """Add `monovl world OUT_DIR [--seed N] [--scale small|default|eval]`."""
+    """Add `monovl world OUT_DIR [--seed N] [--scale small|default|large|eval]`."""
     p = subparsers.add_parser("world", help="generate the seeded synthetic world: stage data, corpus, benchmarks")
     p.add_argument("out_dir", help="output folder (created)")
     p.add_argument("--seed", type=int, default=0, help="world seed")

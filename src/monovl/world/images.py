@@ -74,6 +74,25 @@ class Scene:
                 round(1000 * min(w, shape.cx + shape.r) / w), round(1000 * min(h, shape.cy + shape.r) / h))
 
 
+@dataclass(frozen=True)
+class Style:
+    """How a scene is drawn. The default is the world's own look (benchmarks, held-out images); training images vary it
+    so that a clean drawing made by another program is recognised too."""
+    supersample: int = 1  # draw at this many times the size and downsample: anti-aliased edges
+    outline: int = 0  # outline width in pixels (0: none)
+    outline_black: bool = False  # a black outline, else a darker tone of the fill
+    pure_white: bool = False  # a "white" background of (255, 255, 255) instead of the world's light grey
+    tint: tuple[int, int, int] = (0, 0, 0)  # added to every fill colour (clamped): other programs' reds and blues
+
+
+def sample_style(rng: random.Random) -> Style:
+    """A random drawing style: in about half the images the world's own look, in the rest a mix of the variations."""
+    if rng.random() < 0.5:
+        return Style()
+    return Style(supersample=rng.choice((1, 4)), outline=rng.choice((0, 0, 1, 2, 3)), outline_black=rng.random() < 0.5,
+                 pure_white=rng.random() < 0.7, tint=tuple(rng.randint(-35, 35) for _ in range(3)))
+
+
 def _distance(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
     return math.dist(a, b)
 
@@ -112,17 +131,16 @@ def sample_scene(rng: random.Random, *, max_shapes: int = 4, text_prob: float = 
     return Scene(width, height, background, pattern, tuple(shapes))
 
 
-def _pattern(draw: ImageDraw.ImageDraw, scene: Scene) -> None:
-    base = BACKGROUNDS[scene.background]
+def _pattern(draw: ImageDraw.ImageDraw, scene: Scene, base: tuple[int, int, int], k: int = 1) -> None:
     tone = tuple(max(0, min(255, v + (-22 if sum(base) > 380 else 22))) for v in base)
-    w, h, step = scene.width, scene.height, 14
+    w, h, step = k * scene.width, k * scene.height, k * 14
     if scene.pattern == "striped":
         for x in range(0, w, step):
             draw.rectangle((x, 0, x + step // 2 - 1, h), fill=tone)
     elif scene.pattern == "dotted":
         for y in range(step // 2, h, step):
             for x in range(step // 2, w, step):
-                draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=tone)
+                draw.ellipse((x - 2 * k, y - 2 * k, x + 2 * k, y + 2 * k), fill=tone)
     elif scene.pattern == "checked":
         for y in range(0, h, step):
             for x in range(0, w, step):
@@ -135,23 +153,29 @@ def _star(cx: int, cy: int, r: int) -> list[tuple[float, float]]:
              cy - (r if i % 2 == 0 else 0.45 * r) * math.cos(math.pi * i / 5)) for i in range(10)]
 
 
-def _shape(draw: ImageDraw.ImageDraw, s: Shape) -> None:
-    fill, (cx, cy, r) = COLOURS[s.colour], (s.cx, s.cy, s.r)
+def _shape(draw: ImageDraw.ImageDraw, s: Shape, k: int = 1, style: Style = Style()) -> None:
+    """Draw `s` at `k` times the scene's size in `style`."""
+    fill = tuple(max(0, min(255, v + t)) for v, t in zip(COLOURS[s.colour], style.tint))
+    cx, cy, r = k * s.cx, k * s.cy, k * s.r
+    line = {}
+    if style.outline:
+        ink = (0, 0, 0) if style.outline_black else tuple(v * 3 // 5 for v in fill)
+        line = {"outline": ink, "width": k * style.outline}
     if s.kind == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill, **line)
     elif s.kind == "square":
         a = round(r * 0.85)
-        draw.rectangle((cx - a, cy - a, cx + a, cy + a), fill=fill)
+        draw.rectangle((cx - a, cy - a, cx + a, cy + a), fill=fill, **line)
     elif s.kind == "triangle":
-        draw.regular_polygon((cx, cy, r), 3, fill=fill)
+        draw.regular_polygon((cx, cy, r), 3, fill=fill, **line)
     elif s.kind == "star":
-        draw.polygon(_star(cx, cy, r), fill=fill)
+        draw.polygon(_star(cx, cy, r), fill=fill, **line)
     elif s.kind == "diamond":
-        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill, **line)
     elif s.kind == "hexagon":
-        draw.regular_polygon((cx, cy, r), 6, fill=fill)
+        draw.regular_polygon((cx, cy, r), 6, fill=fill, **line)
     elif s.kind == "cross":
-        t = max(2, r // 3)
+        t = max(2 * k, r // 3)
         draw.rectangle((cx - r, cy - t, cx + r, cy + t), fill=fill)
         draw.rectangle((cx - t, cy - r, cx + t, cy + r), fill=fill)
     else:
@@ -163,26 +187,28 @@ def _font(size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size)
 
 
-def _text(draw: ImageDraw.ImageDraw, scene: Scene) -> None:
+def _text(draw: ImageDraw.ImageDraw, scene: Scene, k: int = 1) -> None:
     row, col = scene.text_cell
     cw, ch = scene.width / 3, scene.height / 3
     size = max(8, int(ch * 0.5))
     while size > 8 and _font(size).getlength(scene.text) > 0.95 * cw:
         size -= 1
-    draw.text(((col + 0.5) * cw, (row + 0.5) * ch), scene.text, fill=COLOURS[scene.text_colour],
-              font=_font(size), anchor="mm")
+    draw.text((k * (col + 0.5) * cw, k * (row + 0.5) * ch), scene.text, fill=COLOURS[scene.text_colour],
+              font=_font(k * size), anchor="mm")
 
 
-def render(scene: Scene) -> Image.Image:
-    """Draw `scene` as an RGB image of (scene.width, scene.height)."""
-    img = Image.new("RGB", (scene.width, scene.height), BACKGROUNDS[scene.background])
+def render(scene: Scene, style: Style = Style()) -> Image.Image:
+    """Draw `scene` as an RGB image of (scene.width, scene.height) in `style` (default: the world's own look)."""
+    k = style.supersample
+    base = (255, 255, 255) if style.pure_white and scene.background == "white" else BACKGROUNDS[scene.background]
+    img = Image.new("RGB", (k * scene.width, k * scene.height), base)
     draw = ImageDraw.Draw(img)
-    _pattern(draw, scene)
+    _pattern(draw, scene, base, k)
     for s in scene.shapes:
-        _shape(draw, s)
+        _shape(draw, s, k, style)
     if scene.text is not None:
-        _text(draw, scene)
-    return img
+        _text(draw, scene, k)
+    return img if k == 1 else img.resize((scene.width, scene.height), Image.Resampling.LANCZOS)
 
 
 def png_bytes(img: Image.Image) -> bytes:
