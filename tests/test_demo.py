@@ -80,7 +80,8 @@ def test_demo_streams_answers_and_writes_a_report(reproduced, tmp_path):
     assert "| **overall** |" in text and text.count("Q: ") == 2
     assert set(result["scores"]) == {"mc", "yesno", "open", "text", "text_lm"}
     assert (tmp_path / "demo/categories.png").is_file() and "Example answers" in result["report"].read_text()
-    assert re.search(r"clean drawings .*: \d+ % of \d+ multiple-choice questions \(colour \d+ %, count \d+ %", text)
+    assert re.search(r"clean drawings .*: [\d.]+ % of \d+ multiple-choice questions \(colour [\d.]+ %, count [\d.]+ %",
+                     text)
     assert result["clean"] in result["report"].read_text()
 
 

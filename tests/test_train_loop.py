@@ -245,11 +245,11 @@ def test_fsdp_two_processes_match_one(tmp_path):
     recipe = write_recipe(tmp_path, stage="s1.3", steps=3, out=tmp_path / "fsdp")
     flat = "optim.min_lr_ratio=1.0"  # constant lr after warmup: the schedule does not depend on the step count
 
-    def torchrun(steps):
+    def torchrun(steps, *extra):
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                             "-m", "monovl.cli", "train", str(recipe), "--set", flat, "--set",
-                            f"schedule.steps={steps}"], env=env, capture_output=True, text=True, timeout=300)
+                            f"schedule.steps={steps}", *extra], env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
 
     torchrun(3)
@@ -257,9 +257,10 @@ def test_fsdp_two_processes_match_one(tmp_path):
     single = loop.train(cfg)
     assert losses(tmp_path / "fsdp") == pytest.approx(single["losses"], rel=1e-5, abs=0)
     longer = loop.train(apply_overrides(cfg, [f"run.out_dir={tmp_path / 'longer'}", "schedule.steps=7"]))
-    # states are full state dicts: FSDP's resume in one process, and one process's under FSDP
-    loop.train(apply_overrides(cfg, [f"run.out_dir={tmp_path / 'fsdp'}", "schedule.steps=5"]))
-    torchrun(7)
+    # states are full state dicts: FSDP's resume in one process, and one process's under FSDP (a finished run
+    # extended to more steps is a changed recipe: it needs --force)
+    loop.train(apply_overrides(cfg, [f"run.out_dir={tmp_path / 'fsdp'}", "schedule.steps=5"]), force=True)
+    torchrun(7, "--force")
     assert losses(tmp_path / "fsdp") == pytest.approx(longer["losses"], rel=1e-5, abs=0)
     img = single["final"] and loop.build_model(cfg, torch.device("cpu"))[0].cfg.image_token_id
     a = monovl.load_model(tmp_path / "fsdp" / "final", image_token_id=img)
