@@ -67,8 +67,9 @@ def demo(model_dir=None, out_dir="demo_report", *, write=lambda s: None, limit: 
         generate_world(world, seed=1, scale="eval")
     scores, cats, counts = evaluate_model(model, tokenizer, world / "bench", out / "eval", limit=limit)
     table, summary = category_table(scores, cats, counts), visual_summary(scores, counts)
-    clean = clean_summary(evaluate(model, tokenizer, world / "bench" / "clean" / "mc.tsv", out_dir=out / "eval",
-                                   limit=limit, progress=False, batch_size=16, max_tiles=4, max_new_tokens=16))
+    clean = clean_summary(evaluate(model, tokenizer, world / "bench" / "clean" / "mc.tsv",  # its own folder: mc.*
+                                   out_dir=out / "eval" / "clean", limit=limit, progress=False, batch_size=16,
+                                   max_tiles=4, max_new_tokens=16))
     write(table + f"\n{summary}\n{clean}\n")
     lines = []
     for item in load_benchmark(world / "bench" / "open.tsv").items[:examples]:
@@ -82,7 +83,8 @@ def demo(model_dir=None, out_dir="demo_report", *, write=lambda s: None, limit: 
     _category_chart(out / "categories.png", cats, counts)
     report = out / "report.md"
     report.write_text(f"# monovl demo: {model_dir}\n\nHeld-out pictures of a world seed the model never trained on. "
-                      f"{summary[0].upper() + summary[1:]}.\n\n{table}\n{clean}.\n\n## Example answers\n\n" + "\n".join(lines)
+                      f"{summary[0].upper() + summary[1:]}.\n\n{table}\n{clean[0].upper() + clean[1:]}.\n\n"
+                      "## Example answers\n\n" + "\n".join(lines)
                       + "\n\n![per-category accuracy](categories.png)\n")
     return {"scores": scores, "categories": cats, "counts": counts, "report": report, "clean": clean}
 
