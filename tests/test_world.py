@@ -279,14 +279,15 @@ def test_styles_vary_training_images_only_and_keep_the_answers():
 
 def test_heldout_images_keep_the_worlds_look_and_training_images_vary(world):
     manifest = json.loads((world / "world.json").read_text())
-    from monovl.world import _scenes
+    from monovl.world import _scenes, _Writer
     from monovl.world.images import png_bytes
 
     # the held-out PNGs are exactly the default renderer's; some training PNGs are not
-    scenes = _scenes(random.Random("monovl-world/0/heldout"), manifest["counts"]["heldout_images"], set())
+    streams = _Writer(world, manifest["seed"])  # the world's own random streams
+    scenes = _scenes(streams.rng("heldout"), manifest["counts"]["heldout_images"], set())
     for i, scene in enumerate(scenes):
         assert (world / f"images/heldout/{i:06d}.png").read_bytes() == png_bytes(render(scene))
-    train = _scenes(random.Random("monovl-world/0/train"), manifest["counts"]["train_images"], set(scenes))
+    train = _scenes(streams.rng("train"), manifest["counts"]["train_images"], set(scenes))
     differ = [(world / f"images/train/{i:06d}.png").read_bytes() != png_bytes(render(s)) for i, s in enumerate(train)]
     assert 0 < sum(differ) < len(differ)
 

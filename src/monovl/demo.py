@@ -10,7 +10,8 @@ import torch
 
 from monovl.checkpoint import SHIPPED_MODEL
 from monovl.checks import number
-from monovl.reproduce import CHANCE, TOKENIZER_VOCAB, VISUAL_BENCHES, evaluate_model, pct, visual_chance
+from monovl.reproduce import (CHANCE, TOKENIZER_VOCAB, VISUAL_BENCHES, evaluate_model, evaluate_tsv, pct,
+                              visual_chance)
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,6 @@ def demo(model_dir=None, out_dir="demo_report", *, write=lambda s: None, limit: 
     from monovl import load
     from monovl.conversation import Conversation
     from monovl.eval.benchmarks import load_benchmark
-    from monovl.eval.run import evaluate
     from monovl.world import generate_world
 
     model_dir, out = Path(model_dir or SHIPPED_MODEL), Path(out_dir)
@@ -67,9 +67,8 @@ def demo(model_dir=None, out_dir="demo_report", *, write=lambda s: None, limit: 
         generate_world(world, seed=1, scale="eval")
     scores, cats, counts = evaluate_model(model, tokenizer, world / "bench", out / "eval", limit=limit)
     table, summary = category_table(scores, cats, counts), visual_summary(scores, counts)
-    clean = clean_summary(evaluate(model, tokenizer, world / "bench" / "clean" / "mc.tsv",  # its own folder: mc.*
-                                   out_dir=out / "eval" / "clean", limit=limit, progress=False, batch_size=16,
-                                   max_tiles=4, max_new_tokens=16))
+    clean = clean_summary(evaluate_tsv(model, tokenizer, world / "bench" / "clean" / "mc.tsv",
+                                       out / "eval" / "clean", limit=limit))  # its own folder: its files are mc.*
     write(table + f"\n{summary}\n{clean}\n")
     lines = []
     for item in load_benchmark(world / "bench" / "open.tsv").items[:examples]:

@@ -52,6 +52,14 @@ def visual_chance() -> float:
     return sum(CHANCE.values()) / len(CHANCE)
 
 
+def evaluate_tsv(model, tokenizer, path: Path, out_dir: Path | None = None, *, limit: int | None = None,
+                 progress: bool = False) -> dict:
+    """`monovl.eval.run.evaluate` on one benchmark TSV with the settings every tiny-model report uses (16 questions
+    at a time, 4 tiles, 16 answer tokens)."""
+    return evaluate(model, tokenizer, path, out_dir=out_dir, limit=limit, progress=progress, batch_size=16,
+                    max_tiles=4, max_new_tokens=16)
+
+
 def evaluate_model(model, tokenizer, bench_dir: Path, out_dir: Path | None = None, *, limit: int | None = None,
                    text_only: bool = False, progress: bool = False) -> tuple[dict, dict, dict]:
     """({bench: overall score}, {bench: {category: score}}, {bench: {"overall" or category: questions}}) on
@@ -59,8 +67,7 @@ def evaluate_model(model, tokenizer, bench_dir: Path, out_dir: Path | None = Non
     benches = ("text",) if text_only or model.cfg.vision is None else VISUAL_BENCHES + ("text",)
     scores, cats, counts = {}, {}, {}
     for name in benches:
-        r = evaluate(model, tokenizer, bench_dir / f"{name}.tsv", out_dir=out_dir, limit=limit, progress=progress,
-                     batch_size=16, max_tiles=4, max_new_tokens=16)
+        r = evaluate_tsv(model, tokenizer, bench_dir / f"{name}.tsv", out_dir, limit=limit, progress=progress)
         scores[name] = r["overall"]["score"]
         cats[name] = {c: v["score"] for c, v in r["categories"].items()}
         counts[name] = {"overall": r["overall"]["n"]} | {c: v["n"] for c, v in r["categories"].items()}
@@ -71,8 +78,9 @@ def evaluate_model(model, tokenizer, bench_dir: Path, out_dir: Path | None = Non
 def reading_scores(model, tokenizer, bench_dir: Path, *, limit: int | None = None) -> dict:
     """{bench: score} of a text LLM on bench_dir/described/{mc,yesno,open}.tsv: the visual questions with each image
     given as its caption — how well the LLM answers them from context when perception is perfect."""
-    return {name: evaluate(model, tokenizer, bench_dir / "described" / f"{name}.tsv", limit=limit, progress=False,
-                           batch_size=16, max_new_tokens=16)["overall"]["score"] for name in VISUAL_BENCHES}
+    described = bench_dir / "described"
+    return {name: evaluate_tsv(model, tokenizer, described / f"{name}.tsv", limit=limit)["overall"]["score"]
+            for name in VISUAL_BENCHES}
 
 
 def text_completion_accuracy(model, tokenizer, bench_path: Path, *, limit: int | None = None,

@@ -19,7 +19,6 @@
 """
 from __future__ import annotations
 
-import base64
 import csv
 import io
 import json
@@ -34,7 +33,7 @@ from monovl.checks import write_failed, writable_dir
 from monovl.world import data as D
 from monovl.world.clean import clean_bench
 from monovl.world.images import (BACKGROUNDS, COLOURS, IMAGE_SIZES, NUMBERS, PATTERNS, POSITIONS, SHAPES, SIZES,
-                                 TILE, WORDS, Scene, Style, png_bytes, render, sample_scene,
+                                 TILE, WORDS, Scene, Style, b64, png_bytes, render, sample_scene,
                                  sample_style)
 
 log = logging.getLogger(__name__)
@@ -104,10 +103,6 @@ def write_tsv(path: Path, rows: list[dict], columns: list[str]) -> int:
         w.writeheader()
         w.writerows(rows)
     return len(rows)
-
-
-def b64(png: bytes) -> str:
-    return base64.b64encode(png).decode("ascii")
 
 
 CATEGORIES = ("colour", "shape", "count", "position", "ocr")
@@ -271,7 +266,7 @@ def generate_world(out_dir: str | Path, *, seed: int = 0, scale: str = "default"
     heldout = _scenes(w.rng("heldout"), sc.heldout_images, set())
     train = _scenes(w.rng("train"), sc.train_images, set(heldout))
     log.info("rendering %d training and %d held-out images", len(train), len(heldout))
-    # training images vary the drawing (anti-aliasing, outlines, pure white); held-out ones keep the world's look
+    # training images vary the drawing (anti-aliasing, outlines, pure white, tints); held-out ones keep the world's look
     train_png = _write_images(w.out / "images/train", train, w.rng("style"))
     held_png = _write_images(w.out / "images/heldout", heldout)
     facts = D.invent_facts(w.rng("facts"))

@@ -3,13 +3,12 @@ size and place — the way another program would draw them, not the world's rend
 shape, count) that a model recognises shapes beyond the pictures it was trained on; never used for training."""
 from __future__ import annotations
 
-import base64
 import random
 
 from PIL import Image, ImageDraw
 
 from monovl.world import data as D
-from monovl.world.images import COLOURS, SHAPES, png_bytes
+from monovl.world.images import COLOURS, SHAPES, b64, png_bytes
 
 CSS = {"red": (255, 0, 0), "orange": (255, 165, 0), "yellow": (255, 255, 0), "green": (0, 128, 0),
        "blue": (0, 0, 255), "purple": (128, 0, 128), "brown": (139, 69, 19), "black": (0, 0, 0)}  # visible on white
@@ -64,6 +63,6 @@ def clean_bench(rng: random.Random, n: int) -> list[dict]:
         png, shapes = drawing(rng)
         qa = _question(CATEGORIES[k % 3], shapes, rng)
         options, answer = D.as_choice(qa, rng)
-        rows.append({"index": k, "image": base64.b64encode(png).decode("ascii"), "question": qa.question,
+        rows.append({"index": k, "image": b64(png), "question": qa.question,
                      **dict(zip(D.LETTERS, options)), "answer": answer, "category": qa.category})
     return rows

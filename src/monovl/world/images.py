@@ -6,6 +6,7 @@ Positions are the cells of a 3×3 grid over the image.
 """
 from __future__ import annotations
 
+import base64
 import functools
 import io
 import math
@@ -209,6 +210,11 @@ def render(scene: Scene, style: Style = Style()) -> Image.Image:
     if scene.text is not None:
         _text(draw, scene, k)
     return img if k == 1 else img.resize((scene.width, scene.height), Image.Resampling.LANCZOS)
+
+
+def b64(png: bytes) -> str:
+    """PNG bytes as the base64 text of a VLMEvalKit TSV's image column."""
+    return base64.b64encode(png).decode("ascii")
 
 
 def png_bytes(img: Image.Image) -> bytes:
