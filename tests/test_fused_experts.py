@@ -16,7 +16,8 @@ from monovl.scratch import random_model
 
 for family in ("internlm2", "qwen2"):
     cfg = preset("debug", family=family, hidden_size=48, intermediate_size=80)
-    layer = random_model(cfg).language_model.model.layers[0]
+    lm = random_model(cfg).language_model
+    layer = lm.model.layers[0]
     ffn, ffn_ve = (layer.feed_forward, layer.feed_forward_ve) if family == "internlm2" else (layer.mlp, layer.mlp_ve)
     g = torch.Generator().manual_seed(0)
     for nt, nv in ((7, 21), (16, 1), (33, 17)):  # partial tiles, a single row, more than one tile per expert
@@ -27,6 +28,15 @@ for family in ("internlm2", "qwen2"):
         assert got.shape == want.shape, (got.shape, want.shape)
         err = float((got - want).abs().max())
         assert err <= 1e-5 * max(1.0, float(want.abs().max())), (family, nt, nv, err)
+    x, visual = torch.randn(2, 9, 48, generator=g), torch.zeros(2, 9, dtype=torch.bool)
+    visual[:, 2:6] = True
+    with torch.no_grad():  # the decoder with every layer's FFN through the kernel, as on CUDA
+        want = lm(x, visual)
+        available, fused_experts.available = fused_experts.available, lambda x, ffn, ffn_ve: ffn_ve is not None
+        got = lm(x, visual)
+        fused_experts.available = available
+    err = float((got - want).abs().max())
+    assert err <= 1e-5 * max(1.0, float(want.abs().max())), (family, "decoder", err)
 print("ok")
 """
 

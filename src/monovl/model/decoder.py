@@ -1,13 +1,13 @@
 """The Llama-style decoder (InternLM2, Qwen2/2.5, Qwen3, Llama) with Mono-InternVL's modality-routed experts.
 
-The families differ only in the declared places below: `LAYOUTS` (module names: the checkpoint's own), packed
-(`PackedQKV`, InternLM2) or separate (`SeparateQKV`) q/k/v projections, their biases, Qwen3's q/k norm, the
-rope variant (`rope_cos_sin`) and a tied output head. A plain layer is `x + Attention(norm(x))` then
-`h + FFN(norm(h))`. Mono-InternVL adds, per layer, a visual FFN expert (`feed_forward_ve` / `mlp_ve`; in v1.5 also
-`attention_ve` / `self_attn_ve`): a token whose id is <IMG_CONTEXT> runs through the
-visual weights, every other token through the text weights. `Routing` is computed once per forward and each
-token goes through exactly one expert (gather → expert → scatter); `dense=True` reproduces the official blend
-(both experts on every token, mixed by the mask) for benchmarks and tests.
+The families differ only in declared places: `LAYOUTS` (module names: the checkpoint's own), packed (`PackedQKV`,
+InternLM2) or separate (`SeparateQKV`) q/k/v projections, their biases, Qwen3's q/k norm, the rope variant
+(`rope_cos_sin`, in `rope.py`) and a tied output head. A layer is `x + attention(norm(x))`, then `h + FFN(norm(h))`.
+Mono-InternVL adds, per layer, a visual FFN expert (`feed_forward_ve` / `mlp_ve`; in v1.5 also `attention_ve` /
+`self_attn_ve`): a token whose id is <IMG_CONTEXT> runs through the visual weights, every other token through the
+text weights. The text module does the routing (`Attention`, `GatedFFN`), called with its `_ve` twin. `Routing` is
+computed once per forward and each token goes through exactly one expert (gather → expert → scatter);
+`dense=True` reproduces the official blend (both experts on every token, mixed by the mask) for benchmarks and tests.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from torch import nn
 from monovl.config import LLMConfig
 from monovl.model import fused_experts
 from monovl.model.head_loss import head_loss
+from monovl.model.rope import apply_rope, rope_cos_sin
 
 
 class RMSNorm(nn.Module):
@@ -33,44 +34,6 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
-
-
-def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
-    """Llama 3 rope scaling: long wavelengths divided by `factor`, short ones kept, the band between blended."""
-    factor, low, high = float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-    context = float(scaling["original_max_position_embeddings"])
-    wavelen = 2 * math.pi / inv_freq
-    blend = ((context / wavelen - low) / (high - low)).clamp(0.0, 1.0)  # 0 at the low-frequency edge, 1 at the high
-    blended = (1 - blend) * inv_freq / factor + blend * inv_freq
-    out = torch.where(wavelen > context / low, inv_freq / factor, blended)
-    return torch.where(wavelen < context / high, inv_freq, out)
-
-
-def rope_cos_sin(cfg: LLMConfig, input_pos: torch.Tensor, kv_len: int, dtype: torch.dtype):
-    """cos/sin (B, T, Dh) for positions (B, T): plain, linear, dynamic-NTK (InternLM2) or llama3 scaling."""
-    dim, base, scale = cfg.head_dim, cfg.rope_theta, 1.0
-    scaling = cfg.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type"))
-    factor = float(scaling.get("factor", 1.0))
-    if kind == "linear":
-        scale = factor
-    elif kind == "dynamic" and kv_len > cfg.max_position_embeddings:
-        base = base * (factor * kv_len / cfg.max_position_embeddings - (factor - 1)) ** (dim / (dim - 2))
-    elif kind not in (None, "default", "linear", "dynamic", "llama3"):
-        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, dynamic, llama3)")
-    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, device=input_pos.device).float() / dim)  # (Dh/2,)
-    if kind == "llama3":
-        inv_freq = _llama3_inv_freq(inv_freq, scaling)
-    freqs = (input_pos.float() / scale)[..., None] * inv_freq  # (B, T, Dh/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, Dh)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, Dh); cos/sin (B, T, Dh); rotate_half convention."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
 
 
 @dataclass
@@ -105,6 +68,11 @@ class Routing:
         out.index_copy_(0, self.txt_idx, y_txt).index_copy_(0, self.vis_idx, y_vis)
         return out.view(b, t, -1)  # (B, T, Dout)
 
+    @property
+    def mixed(self) -> bool:
+        """Text and visual tokens both present, each to its own expert (not the dense blend)."""
+        return self.vis_idx is not None and self.txt_idx is not None and not self.dense
+
     def grouped(self, x: torch.Tensor, fn) -> torch.Tensor:
         """Like calling it, for `fn(text rows, visual rows)` → both outputs grouped (Nt + Nv, D) in one call."""
         b, t, _ = x.shape
@@ -135,93 +103,6 @@ LAYOUTS = {
 
 def layout(cfg: LLMConfig) -> Layout:
     return LAYOUTS["internlm2" if cfg.family == "internlm2" else "hf"]
-
-
-class FeedForward(nn.Module):
-    """InternLM2's SiLU-gated FFN: w2(silu(w1 x) * w3 x)."""
-
-    def __init__(self, cfg: LLMConfig):
-        super().__init__()
-        d, f = cfg.hidden_size, cfg.intermediate_size
-        self.w1 = nn.Linear(d, f, bias=cfg.bias)
-        self.w3 = nn.Linear(d, f, bias=cfg.bias)
-        self.w2 = nn.Linear(f, d, bias=cfg.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-class MLP(nn.Module):
-    """The same SiLU-gated FFN under Qwen/Llama names: down(silu(gate x) * up x)."""
-
-    def __init__(self, cfg: LLMConfig):
-        super().__init__()
-        d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(f, d, bias=cfg.mlp_bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class PackedQKV(nn.Module):
-    """InternLM2: `wqkv` packs q, k, v per kv-head group: output rows (n_kv, n_rep + 2, Dh)."""
-
-    def __init__(self, cfg: LLMConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.wqkv = nn.Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, bias=cfg.bias)
-        self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.bias)
-
-    def qkv(self, x: torch.Tensor) -> torch.Tensor:
-        return self.wqkv(x)  # (B, T, (H+2Hkv)*Dh)
-
-    def out(self, o: torch.Tensor) -> torch.Tensor:
-        return self.wo(o)
-
-    def split(self, qkv: torch.Tensor):
-        """(B, T, (H+2Hkv)*Dh) → q (B, H, T, Dh), k, v (B, Hkv, T, Dh)."""
-        c, (b, t, _) = self.cfg, qkv.shape
-        n_rep = c.num_heads // c.num_kv_heads
-        qkv = qkv.view(b, t, c.num_kv_heads, n_rep + 2, c.head_dim)  # (B, T, Hkv, n_rep+2, Dh)
-        q = qkv[:, :, :, :n_rep].reshape(b, t, c.num_heads, c.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        return q, qkv[:, :, :, -2].transpose(1, 2), qkv[:, :, :, -1].transpose(1, 2)  # k, v: (B, Hkv, T, Dh)
-
-
-class SeparateQKV(nn.Module):
-    """Qwen/Llama: `q_proj`, `k_proj`, `v_proj`, `o_proj`; Qwen3 adds per-head `q_norm`, `k_norm` before RoPE."""
-
-    def __init__(self, cfg: LLMConfig):
-        super().__init__()
-        self.cfg = cfg
-        d, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=cfg.o_bias)
-        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
-
-    def qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., D) → [q | k | v] (..., (H+2Hkv)*Dh), q and k already normed (the norm is per token and head)."""
-        q, k = self.q_proj(x), self.k_proj(x)
-        if self.q_norm is not None:
-            hd = self.cfg.head_dim
-            q = self.q_norm(q.unflatten(-1, (-1, hd))).flatten(-2)  # normed over Dh per head
-            k = self.k_norm(k.unflatten(-1, (-1, hd))).flatten(-2)
-        return torch.cat([q, k, self.v_proj(x)], dim=-1)
-
-    def out(self, o: torch.Tensor) -> torch.Tensor:
-        return self.o_proj(o)
-
-    def split(self, qkv: torch.Tensor):
-        """(B, T, (H+2Hkv)*Dh) → q (B, H, T, Dh), k, v (B, Hkv, T, Dh)."""
-        c = self.cfg
-        q, k, v = qkv.split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], -1)
-        return (q.unflatten(-1, (c.num_heads, c.head_dim)).transpose(1, 2),  # (B, H, T, Dh)
-                k.unflatten(-1, (c.num_kv_heads, c.head_dim)).transpose(1, 2),  # (B, Hkv, T, Dh)
-                v.unflatten(-1, (c.num_kv_heads, c.head_dim)).transpose(1, 2))
 
 
 class KVCache:
@@ -264,47 +145,165 @@ class ForwardContext:
     cache_rows: torch.Tensor | None = None  # (B,) cache rows of the batch rows; None = 0..B-1
 
 
-class DecoderLayer(nn.Module):
-    """`x + Attention(norm(x))`, then `h + FFN(norm(h))`, each chosen by modality; modules named per `Layout`."""
+class GatedFFN(nn.Module):
+    """The SiLU-gated FFN down(silu(gate x) · up x); a subclass holds the three linears under its family's names.
+    Called with a forward's `ctx` and its `_ve` twin, each token runs through the FFN of its modality."""
+
+    def linears(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """(gate, up, down)."""
+        raise NotImplementedError
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = self.linears()
+        return down(F.silu(gate(x)) * up(x))
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext | None = None,
+                visual: GatedFFN | None = None) -> torch.Tensor:
+        """x (B, T, D) → (B, T, D); without `ctx`, every token through this FFN."""
+        if ctx is None:
+            return self.ffn(x)
+        r = ctx.routing
+        if r.mixed and fused_experts.available(x, self, visual):
+            return r.grouped(x, lambda xt, xv: fused_experts.grouped_ffn(xt, xv, self, visual))  # one kernel pair
+        return r(x, self.ffn, visual.ffn if visual is not None else None)
+
+
+class FeedForward(GatedFFN):
+    """InternLM2's names: w2(silu(w1 x) · w3 x)."""
 
     def __init__(self, cfg: LLMConfig):
         super().__init__()
-        self.cfg, self.names = cfg, layout(cfg)
-        n = self.names
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.w1 = nn.Linear(d, f, bias=cfg.bias)
+        self.w3 = nn.Linear(d, f, bias=cfg.bias)
+        self.w2 = nn.Linear(f, d, bias=cfg.bias)
+
+    def linears(self):
+        return self.w1, self.w3, self.w2
+
+
+class MLP(GatedFFN):
+    """Qwen/Llama's names: down_proj(silu(gate_proj x) · up_proj x)."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(d, f, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(f, d, bias=cfg.mlp_bias)
+
+    def linears(self):
+        return self.gate_proj, self.up_proj, self.down_proj
+
+
+class Attention(nn.Module):
+    """Self-attention of layer `layer`: RoPE, grouped kv heads, the KV cache; a subclass holds the projections
+    under its family's names (`qkv`, `split`, `out`). Called with its `_ve` twin, each token's projections are
+    those of its modality."""
+
+    def __init__(self, cfg: LLMConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, visual: Attention | None = None) -> torch.Tensor:
+        """x (B, T, D) → (B, T, D)."""
+        c, (b, t, _) = self.cfg, x.shape
+        qkv = ctx.routing(x, self.qkv, visual.qkv if visual is not None else None)  # (B, T, (H+2Hkv)*Dh)
+        q, k, v = self.split(qkv)  # (B, H, T, Dh), (B, Hkv, T, Dh) × 2
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer, ctx.input_pos, k, v, ctx.kv_len, ctx.cache_rows)  # (B, Hkv, S, Dh)
+        n_rep = c.num_heads // c.num_kv_heads
+        if n_rep > 1:
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # (B, H, S, Dh)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None,
+                                           scale=1.0 / math.sqrt(c.head_dim))  # (B, H, T, Dh)
+        o = o.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim)  # (B, T, H*Dh)
+        return ctx.routing(o, self.out, visual.out if visual is not None else None)
+
+
+class PackedQKV(Attention):
+    """InternLM2: `wqkv` packs q, k, v per kv-head group: output rows (n_kv, n_rep + 2, Dh)."""
+
+    def __init__(self, cfg: LLMConfig, layer: int):
+        super().__init__(cfg, layer)
+        self.wqkv = nn.Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, bias=cfg.bias)
+        self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.bias)
+
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        return self.wqkv(x)  # (B, T, (H+2Hkv)*Dh)
+
+    def out(self, o: torch.Tensor) -> torch.Tensor:
+        return self.wo(o)
+
+    def split(self, qkv: torch.Tensor):
+        """(B, T, (H+2Hkv)*Dh) → q (B, H, T, Dh), k, v (B, Hkv, T, Dh)."""
+        c, (b, t, _) = self.cfg, qkv.shape
+        n_rep = c.num_heads // c.num_kv_heads
+        qkv = qkv.view(b, t, c.num_kv_heads, n_rep + 2, c.head_dim)  # (B, T, Hkv, n_rep+2, Dh)
+        q = qkv[:, :, :, :n_rep].reshape(b, t, c.num_heads, c.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        return q, qkv[:, :, :, -2].transpose(1, 2), qkv[:, :, :, -1].transpose(1, 2)  # k, v: (B, Hkv, T, Dh)
+
+
+class SeparateQKV(Attention):
+    """Qwen/Llama: `q_proj`, `k_proj`, `v_proj`, `o_proj`; Qwen3 adds per-head `q_norm`, `k_norm` before RoPE."""
+
+    def __init__(self, cfg: LLMConfig, layer: int):
+        super().__init__(cfg, layer)
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., D) → [q | k | v] (..., (H+2Hkv)*Dh), q and k already normed (the norm is per token and head)."""
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.q_norm is not None:
+            hd = self.cfg.head_dim
+            q = self.q_norm(q.unflatten(-1, (-1, hd))).flatten(-2)  # normed over Dh per head
+            k = self.k_norm(k.unflatten(-1, (-1, hd))).flatten(-2)
+        return torch.cat([q, k, self.v_proj(x)], dim=-1)
+
+    def out(self, o: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(o)
+
+    def split(self, qkv: torch.Tensor):
+        """(B, T, (H+2Hkv)*Dh) → q (B, H, T, Dh), k, v (B, Hkv, T, Dh)."""
+        c = self.cfg
+        q, k, v = qkv.split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], -1)
+        return (q.unflatten(-1, (c.num_heads, c.head_dim)).transpose(1, 2),  # (B, H, T, Dh)
+                k.unflatten(-1, (c.num_kv_heads, c.head_dim)).transpose(1, 2),  # (B, Hkv, T, Dh)
+                v.unflatten(-1, (c.num_kv_heads, c.head_dim)).transpose(1, 2))
+
+
+class DecoderLayer(nn.Module):
+    """`x + attention(norm(x))`, then `h + FFN(norm(h))`; modules named per `Layout`, each called with its `_ve`
+    twin (None without experts), which takes the visual tokens."""
+
+    def __init__(self, cfg: LLMConfig, index: int):
+        super().__init__()
+        n = self.names = layout(cfg)
         attention, ffn = (PackedQKV, FeedForward) if cfg.family == "internlm2" else (SeparateQKV, MLP)
-        self.add_module(n.attention, attention(cfg))
-        self.add_module(n.attention + "_ve", attention(cfg) if cfg.visual_attention_experts else None)
+        self.add_module(n.attention, attention(cfg, index))
+        self.add_module(n.attention + "_ve", attention(cfg, index) if cfg.visual_attention_experts else None)
         self.add_module(n.attention_norm, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
         self.add_module(n.ffn_norm, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
         self.add_module(n.feed_forward, ffn(cfg))
         self.add_module(n.feed_forward + "_ve", ffn(cfg) if cfg.visual_ffn_experts else None)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext, layer: int) -> torch.Tensor:
+    def parts(self) -> tuple:
+        """(attention norm, attention, its visual expert, FFN norm, FFN, its visual expert); an expert may be None."""
         n = self.names
-        attn, ve = getattr(self, n.attention), getattr(self, n.attention + "_ve")
-        ve_qkv, ve_out = (ve.qkv, ve.out) if ve is not None else (None, None)
-        qkv = ctx.routing(getattr(self, n.attention_norm)(x), attn.qkv, ve_qkv)  # (B, T, (H+2Hkv)*Dh)
-        o = self._attend(attn.split(qkv), ctx, layer)  # (B, T, H*Dh)
-        x = x + ctx.routing(o, attn.out, ve_out)
-        ffn, ffn_ve = getattr(self, n.feed_forward), getattr(self, n.feed_forward + "_ve")
-        h, r = getattr(self, n.ffn_norm)(x), ctx.routing
-        if r.vis_idx is not None and r.txt_idx is not None and not r.dense and fused_experts.available(h, ffn, ffn_ve):
-            return x + r.grouped(h, lambda xt, xv: fused_experts.grouped_ffn(xt, xv, ffn, ffn_ve))  # one kernel pair
-        return x + r(h, ffn, ffn_ve)
+        return tuple(getattr(self, name) for name in (n.attention_norm, n.attention, n.attention + "_ve",
+                                                      n.ffn_norm, n.feed_forward, n.feed_forward + "_ve"))
 
-    def _attend(self, qkv: tuple, ctx: ForwardContext, layer: int) -> torch.Tensor:
-        c = self.cfg
-        q, k, v = qkv  # (B, H, T, Dh), (B, Hkv, T, Dh) × 2
-        b, _, t, _ = q.shape
-        n_rep = c.num_heads // c.num_kv_heads
-        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-        if ctx.cache is not None:
-            k, v = ctx.cache.update(layer, ctx.input_pos, k, v, ctx.kv_len, ctx.cache_rows)  # (B, Hkv, S, Dh)
-        if n_rep > 1:
-            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # (B, H, S, Dh)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None,
-                                           scale=1.0 / math.sqrt(c.head_dim))  # (B, H, T, Dh)
-        return o.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim)
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        attention_norm, attention, attention_ve, ffn_norm, ffn, ffn_ve = self.parts()
+        x = x + attention(attention_norm(x), ctx, attention_ve)  # (B, T, D)
+        return x + ffn(ffn_norm(x), ctx, ffn_ve)
 
 
 class DecoderModel(nn.Module):
@@ -313,7 +312,7 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
         self.add_module(layout(cfg).embed, nn.Embedding(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -369,8 +368,8 @@ class CausalLM(nn.Module):
             mask = keys[None, None, None, :] <= input_pos[:, None, :, None]  # (B, 1, T, S)
         cos, sin = rope_cos_sin(self.cfg, input_pos, kv_len, x.dtype)
         ctx = ForwardContext(Routing.build(visual_mask, dense), cos, sin, input_pos, kv_len, mask, cache, cache_rows)
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, ctx, i)
+        for layer in self.model.layers:
+            x = layer(x, ctx)
         if labels is not None:
             return head_loss(x, labels, self.model.norm, self.head, loss_chunk)  # () fp32
         if logits_at is not None:

@@ -62,15 +62,8 @@ def available(x: torch.Tensor, ffn, ffn_ve) -> bool:
     """Whether the fused path can run this layer's FFN on x."""
     if ffn_ve is None or x.device.type != "cuda" or not _have_triton():
         return False
-    linears = [*_weights(ffn), *_weights(ffn_ve)]
+    linears = [*ffn.linears(), *ffn_ve.linears()]  # (gate, up, down) of each
     return all(isinstance(m, torch.nn.Linear) and m.bias is None for m in linears)
-
-
-def _weights(ffn) -> tuple:
-    """(gate, up, down) linears of a FeedForward (w1, w3, w2) or an MLP (gate_proj, up_proj, down_proj)."""
-    if hasattr(ffn, "w1"):
-        return ffn.w1, ffn.w3, ffn.w2
-    return ffn.gate_proj, ffn.up_proj, ffn.down_proj
 
 
 def _tiles(counts: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -90,7 +83,7 @@ def grouped_ffn(x_txt: torch.Tensor, x_vis: torch.Tensor, ffn, ffn_ve) -> torch.
     order, in two launches for both experts."""
     triton, kernel = _kernel()
     x = torch.cat([x_txt, x_vis]).contiguous()  # (Nt + Nv, D), grouped by expert
-    (g_t, u_t, d_t), (g_v, u_v, d_v) = _weights(ffn), _weights(ffn_ve)
+    (g_t, u_t, d_t), (g_v, u_v, d_v) = ffn.linears(), ffn_ve.linears()
     m, d = x.shape
     f = g_t.weight.shape[0]
     tile_expert, tile_row, ends = _tiles([len(x_txt), len(x_vis)], x.device)
