@@ -137,6 +137,16 @@ def test_batch_mixing_prefill_and_decode_rows(model_v15):
     torch.testing.assert_close(mixed[1], alone1, rtol=1e-5, atol=1e-5)
 
 
+def test_cache_rows_default_to_every_row_in_order(model):
+    ids, pv = torch.stack([prompt(9, [2], seed=7), prompt(13, seed=8)]), torch.randn(1, 3, 56, 56)
+    pos = torch.arange(13).expand(2, 13)
+    default, explicit = model.new_cache(2, 16), model.new_cache(2, 16)
+    a = model(ids, pv, input_pos=pos, cache=default)
+    b = model(ids, pv, input_pos=pos, cache=explicit, cache_rows=torch.arange(2))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.equal(default.k, explicit.k) and torch.equal(default.v, explicit.v)
+
+
 def test_batched_generation_equals_alone(model):
     rows = [prompt(9, [2], seed=7), prompt(5, seed=8), prompt(12, [0, 7], seed=9)]
     pvs = [torch.randn(1, 3, 56, 56), None, torch.randn(2, 3, 56, 56)]

@@ -120,16 +120,12 @@ class KVCache:
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int,
                rows: torch.Tensor | None = None):
         """Write k, v (B, n_kv, T, Dh) at positions (B, T) of cache rows `rows` (B,) (default: rows 0..B-1);
-        return those rows' first kv_len cached positions."""
-        if rows is None:
-            idx = input_pos[:, None, :, None].expand_as(k)  # (B, n_kv, T, Dh)
-            self.k[layer].scatter_(2, idx, k)
-            self.v[layer].scatter_(2, idx, v)
-            return self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]
-        self.k[layer][rows[:, None], :, input_pos] = k.transpose(1, 2)  # in place; indexed view (B, T, n_kv, Dh)
-        self.v[layer][rows[:, None], :, input_pos] = v.transpose(1, 2)
-        return (self.k[layer, :, :, :kv_len].index_select(0, rows),  # (B, n_kv, kv_len, Dh)
-                self.v[layer, :, :, :kv_len].index_select(0, rows))
+        return those rows' first kv_len cached positions (B, n_kv, kv_len, Dh)."""
+        at = torch.arange(k.shape[0], device=k.device) if rows is None else rows
+        self.k[layer][at[:, None], :, input_pos] = k.transpose(1, 2)  # in place; indexed view (B, T, n_kv, Dh)
+        self.v[layer][at[:, None], :, input_pos] = v.transpose(1, 2)
+        k, v = self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]  # every row: a view, no copy
+        return (k, v) if rows is None else (k.index_select(0, rows), v.index_select(0, rows))
 
 
 @dataclass
