@@ -22,6 +22,7 @@ import torch
 
 from monovl.config import TOKENIZER_TEMPLATE, ModelConfig, VisionConfig
 from monovl.model import MonoInternVL
+from monovl.scratch import init_parameters_
 from monovl.tokenizer import INTERNVL_TOKENS, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -59,18 +60,6 @@ def add_internvl_tokens(tokenizer: Tokenizer) -> tuple[Tokenizer, list[str]]:
         files["tokenizer_config.json"] = json.dumps(config, indent=2, ensure_ascii=False).encode("utf-8")
     log.info("added %d InternVL tokens to the tokenizer: %s", len(ids), ids)
     return Tokenizer(files), missing
-
-
-def _init_vision_(model: MonoInternVL, generator: torch.Generator, std: float) -> None:
-    """Patch embedding, position/class embeddings and mlp1: N(0, std²) weights, zero biases, LayerNorm 1/0."""
-    for name, p in [*model.vision_model.named_parameters(prefix="vision_model"),
-                    *model.mlp1.named_parameters(prefix="mlp1")]:
-        if name == "mlp1.0.weight":
-            p.fill_(1.0)
-        elif name.endswith("bias"):
-            p.zero_()
-        else:
-            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).mul_(std))
 
 
 def _source_name(name: str, src_names: set[str]) -> str:
@@ -139,7 +128,8 @@ def monolithize(llm_model: MonoInternVL, llm_tokenizer: Tokenizer, *, vision: Vi
         model = MonoInternVL(cfg)
     model = model.to_empty(device=ref.device).to(ref.dtype)
     model.language_model.tie_weights()
-    _init_vision_(model, torch.Generator().manual_seed(seed), std)
+    added = [*model.vision_model.named_parameters(prefix="vision_model"), *model.mlp1.named_parameters(prefix="mlp1")]
+    init_parameters_(added, torch.Generator().manual_seed(seed), std)  # patch embedding, mlp1
     for name, p in model.language_model.named_parameters(prefix="language_model"):
         w = src[_source_name(name, src_names)]
         if name.endswith(_VOCAB_ROWS):
