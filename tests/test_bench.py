@@ -31,8 +31,8 @@ def test_decode_bytes_are_the_text_weights_and_the_kv_cache():
     f = speed.count(model, n_text=10, num_visual=4, tiles=1, decode_kv=20)
     text_linears = sum(p.numel() for n, p in model.language_model.named_parameters()
                        if p.dim() == 2 and "_ve." not in n and "tok_embeddings" not in n)  # + head
-    small = c.num_layers * 2 * c.hidden_size + 2 * c.hidden_size
-    kv = c.num_layers * 2 * c.num_kv_heads * c.head_dim * 20
+    small = c.num_hidden_layers * 2 * c.hidden_size + 2 * c.hidden_size
+    kv = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim * 20
     assert f.decode_bytes == 4 * (text_linears + small + kv)
     f8 = speed.count(model, n_text=10, num_visual=4, tiles=1, decode_kv=20, weight_bytes=1.0)
     assert f8.decode_bytes == text_linears + 4 * (small + kv)

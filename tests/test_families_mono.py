@@ -71,7 +71,7 @@ def test_delta_tuned_stage_keeps_text_logits_and_trains_only_visual_parts(family
     freeze(model, "s1.1")
     trained = trainable_names(model)
     assert trained and all(n.startswith(("vision_model.", "mlp1.")) or ".mlp_ve." in n for n in trained)
-    assert sum(".mlp_ve." in n for n in trained) == 3 * model.cfg.llm.num_layers
+    assert sum(".mlp_ve." in n for n in trained) == 3 * model.cfg.llm.num_hidden_layers
     inputs = build_inputs(model, tokenizer, "What colour is the circle?", [_image()])
     ids = inputs.input_ids[None]
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)

@@ -50,7 +50,7 @@ def _compress(keys: list[str]) -> dict:
     """The keys with layer 0's standing for every layer (`{i}`), and the number of layers."""
     layers = {int(m.group(1)) for k in keys if (m := LAYER.search(k))}
     shown = [LAYER.sub(".layers.{i}.", k) for k in keys if (m := LAYER.search(k)) is None or m.group(1) == "0"]
-    return {"num_layers": len(layers), "keys": shown}
+    return {"num_hidden_layers": len(layers), "keys": shown}
 
 
 def _expand(record: dict) -> list[str]:
@@ -59,7 +59,7 @@ def _expand(record: dict) -> list[str]:
         if "{i}" not in k:
             keys.append(k)
         elif k == layer[0]:
-            keys += [t.replace("{i}", str(i)) for i in range(record["num_layers"]) for t in layer]
+            keys += [t.replace("{i}", str(i)) for i in range(record["num_hidden_layers"]) for t in layer]
     return keys
 
 

@@ -234,9 +234,9 @@ def _hint(cfg: ModelConfig, keys: set[str], missing: list[str], unexpected: list
 def _structure_hint(cfg: ModelConfig, keys: set[str], missing: list[str], unexpected: list[str]) -> str:
     field = "llm_config." if cfg.vision is not None else ""
     stored = _layers(keys)
-    if stored and len(stored) != cfg.llm.num_layers:
+    if stored and len(stored) != cfg.llm.num_hidden_layers:
         return (f" — the weights hold {len(stored)} decoder layers but {field}num_hidden_layers is "
-                f"{cfg.llm.num_layers} in config.json: the config and the weights are of different models")
+                f"{cfg.llm.num_hidden_layers} in config.json: the config and the weights are of different models")
     attention_expert = (".attention_ve.", ".self_attn_ve.")
     if cfg.llm.visual_attention_experts and any(e in k for k in missing for e in attention_expert):
         return (" — config.json enables visual_attention_experts (v1.5) but the weights have no attention_ve.*; "

@@ -27,11 +27,13 @@ class VisionConfig:
 
 @dataclass
 class LLMConfig:
+    # One name per concept, and the least renaming: every size keeps the name config.json gives it (Hugging Face:
+    # `num_hidden_layers`, `num_attention_heads`, `num_key_value_heads` like `hidden_size`, `intermediate_size`).
     vocab_size: int = 92553
     hidden_size: int = 2048
-    num_layers: int = 24
-    num_heads: int = 16
-    num_kv_heads: int = 8
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
     intermediate_size: int = 8192
     rope_theta: float = 1e6
     rope_scaling: dict | None = None  # {"type": "linear" | "dynamic", "factor": f}, or {"rope_type": "llama3", …}
@@ -53,7 +55,7 @@ class LLMConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.explicit_head_dim or self.hidden_size // self.num_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_attention_heads
 
 
 @dataclass
@@ -87,8 +89,8 @@ class ModelConfig:
 
 def _debug() -> ModelConfig:
     return ModelConfig(
-        llm=LLMConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                      intermediate_size=128, max_position_embeddings=4096),
+        llm=LLMConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=128, max_position_embeddings=4096),
         vision=VisionConfig(image_size=56, patch_size=14, hidden_size=32),
         max_dynamic_patch=6,
     )
@@ -101,8 +103,8 @@ def _tiny() -> ModelConfig:
     from the image (shuffled-image loss gap 0.030 vs 0.063). `vocab_size` is a stand-in: set it from the tokenizer
     (`preset("tiny", vocab_size=…)`)."""
     return ModelConfig(
-        llm=LLMConfig(vocab_size=1024, hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=2,
-                      intermediate_size=512, rope_theta=10000.0, max_position_embeddings=2048),
+        llm=LLMConfig(vocab_size=1024, hidden_size=192, num_hidden_layers=4, num_attention_heads=6,
+                      num_key_value_heads=2, intermediate_size=512, rope_theta=10000.0, max_position_embeddings=2048),
         vision=VisionConfig(image_size=112, patch_size=14, hidden_size=768),
         max_dynamic_patch=4,
     )
@@ -131,7 +133,7 @@ PRESETS = {"debug": _debug, "tiny": _tiny, "tiny-llm": _tiny_llm, "mono-internvl
 
 
 def preset(name: str, **llm_overrides) -> ModelConfig:
-    """A named preset; keyword arguments override `LLMConfig` fields (e.g. num_layers=4)."""
+    """A named preset; keyword arguments override `LLMConfig` fields (e.g. num_hidden_layers=4)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     cfg = PRESETS[name]()
@@ -222,14 +224,17 @@ def _check_vision_fields(d: dict, v: dict) -> None:
                          f"{d.get('max_dynamic_patch', 12)}")
 
 
+_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+          "intermediate_size")  # the LLM's sizes: the same names in config.json and in LLMConfig
+
+
 def _llm_from_hf(d: dict, *, family: str, visual_ffn_experts: bool, where: str = "") -> LLMConfig:
     _check_llm_fields(d, where)
     theta, scaling = _rope_from_hf(d)
     return LLMConfig(
-        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], num_layers=d["num_hidden_layers"],
-        num_heads=d["num_attention_heads"], num_kv_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
-        intermediate_size=d["intermediate_size"], rope_theta=theta, rope_scaling=scaling,
-        max_position_embeddings=d.get("max_position_embeddings", 2048),
+        **{k: d[k] for k in _SIZES if k != "num_key_value_heads"},
+        num_key_value_heads=d.get("num_key_value_heads", d["num_attention_heads"]), rope_theta=theta,
+        rope_scaling=scaling, max_position_embeddings=d.get("max_position_embeddings", 2048),
         rms_norm_eps=d.get("rms_norm_eps", 1e-6), bias=bool(d.get("bias", False)), family=family,
         **_family_fields(d, family), visual_ffn_experts=visual_ffn_experts,
         visual_attention_experts=bool(d.get("visual_attention_experts", False)),
@@ -298,9 +303,8 @@ def _llm_to_hf(c: LLMConfig, base: dict, arch: str) -> dict:
     d = dict(base)
     if c.family != "internlm2":
         return _family_llm_to_hf(c, d)
-    d.update(architectures=[arch], model_type="internlm2", vocab_size=c.vocab_size, hidden_size=c.hidden_size,
-             num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
-             intermediate_size=c.intermediate_size, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
+    d.update(architectures=[arch], model_type="internlm2", **{k: getattr(c, k) for k in _SIZES},
+             rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
              max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps, bias=c.bias,
              hidden_act="silu", tie_word_embeddings=False, bos_token_id=c.bos_token_id,
              eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id)
@@ -312,9 +316,8 @@ def _llm_to_hf(c: LLMConfig, base: dict, arch: str) -> dict:
 def _family_llm_to_hf(c: LLMConfig, d: dict) -> dict:
     """A Qwen/Llama config: the source file's fields (rope, token ids, …) kept; sizes and expert flags set."""
     arch, model_type = FAMILIES[c.family]
-    d.update(architectures=[arch], model_type=model_type, vocab_size=c.vocab_size, hidden_size=c.hidden_size,
-             num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
-             intermediate_size=c.intermediate_size, rms_norm_eps=c.rms_norm_eps, hidden_act="silu",
+    d.update(architectures=[arch], model_type=model_type, **{k: getattr(c, k) for k in _SIZES},
+             rms_norm_eps=c.rms_norm_eps, hidden_act="silu",
              tie_word_embeddings=c.tie_word_embeddings)
     if c.explicit_head_dim is not None:
         d["head_dim"] = c.explicit_head_dim

@@ -55,10 +55,10 @@ def count(model: MonoInternVL, n_text: int, num_visual: int, tiles: int, decode_
     """FLOPs of the routed prefill and the dense blend; bytes a decode step reads (text weights at
     `weight_bytes` each — 1 for int8 —, the KV cache in the model's float dtype)."""
     c, t = model.cfg.llm, n_text + num_visual
-    d, hd = c.hidden_size, c.head_dim
-    attn_params = d * (c.num_heads + 2 * c.num_kv_heads) * hd + c.num_heads * hd * d
+    d, hd, heads = c.hidden_size, c.head_dim, c.num_attention_heads
+    attn_params = d * (heads + 2 * c.num_key_value_heads) * hd + heads * hd * d
     ffn_params = 3 * d * c.intermediate_size
-    per_layer = 2 * t * (attn_params + ffn_params) + 4 * c.num_heads * hd * t * (t + 1) / 2  # linears + causal attn
+    per_layer = 2 * t * (attn_params + ffn_params) + 4 * heads * hd * t * (t + 1) / 2  # linears + causal attn
     vis = 0.0
     if model.cfg.vision is not None and tiles:
         v = model.cfg.vision
@@ -66,14 +66,14 @@ def count(model: MonoInternVL, n_text: int, num_visual: int, tiles: int, decode_
         c4 = v.hidden_size * int(1 / model.cfg.downsample_ratio) ** 2
         vis = 2 * tiles * (grid * 3 * v.patch_size**2 * v.hidden_size + grid // 4 * (c4 * d + d * d))
     head = 2 * d * c.vocab_size
-    prefill = c.num_layers * per_layer + vis + head
-    dense = prefill + c.num_layers * 2 * t * ffn_params * (1 if c.visual_ffn_experts else 0) + head * (t - 1)
+    prefill = c.num_hidden_layers * per_layer + vis + head
+    dense = prefill + c.num_hidden_layers * 2 * t * ffn_params * (1 if c.visual_ffn_experts else 0) + head * (t - 1)
     if c.visual_attention_experts:
-        dense += c.num_layers * 2 * t * attn_params
+        dense += c.num_hidden_layers * 2 * t * attn_params
     float_bytes = model.language_model.model.norm.weight.element_size()
-    weights = c.num_layers * (attn_params + ffn_params) + c.vocab_size * d  # linears and head
-    small = c.num_layers * 2 * d + 2 * d  # norms, one embedding row
-    kv = c.num_layers * 2 * c.num_kv_heads * hd * decode_kv
+    weights = c.num_hidden_layers * (attn_params + ffn_params) + c.vocab_size * d  # linears and head
+    small = c.num_hidden_layers * 2 * d + 2 * d  # norms, one embedding row
+    kv = c.num_hidden_layers * 2 * c.num_key_value_heads * hd * decode_kv
     return Flops(prefill, dense, weights * weight_bytes + (small + kv) * float_bytes)
 
 

@@ -25,8 +25,8 @@ def cmd_info(args) -> int:
     kind = ("Mono-InternVL-1.5: attention + FFN visual experts" if c.visual_attention_experts
             else "FFN visual experts" if c.visual_ffn_experts else "text LLM")
     print(f"architecture      {cfg.architecture} ({kind}; LLM family {c.family})")
-    print(f"decoder           {c.num_layers} layers, hidden {c.hidden_size}, {c.num_heads} heads / {c.num_kv_heads} "
-          f"kv heads (head_dim {c.head_dim}), FFN {c.intermediate_size}, vocab {c.vocab_size}")
+    print(f"decoder           {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} heads / "
+          f"{c.num_key_value_heads} kv heads (head_dim {c.head_dim}), FFN {c.intermediate_size}, vocab {c.vocab_size}")
     print(f"rope              theta {c.rope_theta:g}, scaling {c.rope_scaling}, "
           f"max positions {c.max_position_embeddings}")
     if cfg.vision is not None:

@@ -24,7 +24,7 @@ def cmd_monolithize(args) -> int:
     save_model(model, args.out_dir, dtype=parse_dtype(args.dtype), tokenizer=tokenizer)
     c = model.cfg
     total = sum(p.numel() for p in model.parameters())
-    print(f"wrote {args.out_dir}: {c.llm.family} LLM ({c.llm.num_layers} layers) + patch embedding "
+    print(f"wrote {args.out_dir}: {c.llm.family} LLM ({c.llm.num_hidden_layers} layers) + patch embedding "
           f"{c.vision.image_size}px/{c.vision.patch_size}, {c.num_image_token} tokens per tile, "
           f"{'attention + FFN' if c.llm.visual_attention_experts else 'FFN'} experts; {total / 1e6:.2f} M parameters; "
           f"template {c.template}")

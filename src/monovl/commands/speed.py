@@ -13,7 +13,7 @@ def _load(args, device, dtype):
 
     if args.model:
         return load_model(args.model, dtype=dtype, device=device)
-    cfg = preset(args.preset, **({"num_layers": args.layers} if args.layers else {}))
+    cfg = preset(args.preset, **({"num_hidden_layers": args.layers} if args.layers else {}))
     return random_model(cfg).to(device=device, dtype=dtype)
 
 
@@ -53,8 +53,8 @@ def cmd_bench(args) -> int:
     dtype = parse_dtype(args.dtype) or default_dtype(device)
     model = _load(args, device, dtype)
     c = model.cfg.llm
-    print(f"model: {args.model or args.preset}, {c.num_layers} layers, hidden {c.hidden_size}, {dtype}, {device}, "
-          f"{torch.get_num_threads()} threads")
+    print(f"model: {args.model or args.preset}, {c.num_hidden_layers} layers, hidden {c.hidden_size}, {dtype}, "
+          f"{device}, {torch.get_num_threads()} threads")
     machine = speed.Machine(dtype=dtype, device=device)
     qmodel = quant.quantized_copy(model, args.quantize) if args.quantize else None
     encoder = None

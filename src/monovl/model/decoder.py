@@ -109,7 +109,7 @@ class KVCache:
     """Static, pre-allocated keys and values for every layer: (L, B, n_kv, S, Dh) each."""
 
     def __init__(self, cfg: LLMConfig, batch: int, max_len: int, dtype, device=None):
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
@@ -209,12 +209,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer, ctx.input_pos, k, v, ctx.kv_len, ctx.cache_rows)  # (B, Hkv, S, Dh)
-        n_rep = c.num_heads // c.num_kv_heads
+        n_rep = c.num_attention_heads // c.num_key_value_heads
         if n_rep > 1:
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # (B, H, S, Dh)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None,
                                            scale=1.0 / math.sqrt(c.head_dim))  # (B, H, T, Dh)
-        o = o.transpose(1, 2).reshape(b, t, c.num_heads * c.head_dim)  # (B, T, H*Dh)
+        o = o.transpose(1, 2).reshape(b, t, c.num_attention_heads * c.head_dim)  # (B, T, H*Dh)
         return ctx.routing(o, self.out, visual.out if visual is not None else None)
 
 
@@ -223,8 +223,9 @@ class PackedQKV(Attention):
 
     def __init__(self, cfg: LLMConfig, layer: int):
         super().__init__(cfg, layer)
-        self.wqkv = nn.Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, bias=cfg.bias)
-        self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.bias)
+        d, h, hkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.wqkv = nn.Linear(d, (h + 2 * hkv) * hd, bias=cfg.bias)
+        self.wo = nn.Linear(h * hd, d, bias=cfg.bias)
 
     def qkv(self, x: torch.Tensor) -> torch.Tensor:
         return self.wqkv(x)  # (B, T, (H+2Hkv)*Dh)
@@ -235,9 +236,9 @@ class PackedQKV(Attention):
     def split(self, qkv: torch.Tensor):
         """(B, T, (H+2Hkv)*Dh) → q (B, H, T, Dh), k, v (B, Hkv, T, Dh)."""
         c, (b, t, _) = self.cfg, qkv.shape
-        n_rep = c.num_heads // c.num_kv_heads
-        qkv = qkv.view(b, t, c.num_kv_heads, n_rep + 2, c.head_dim)  # (B, T, Hkv, n_rep+2, Dh)
-        q = qkv[:, :, :, :n_rep].reshape(b, t, c.num_heads, c.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        h, hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        qkv = qkv.view(b, t, hkv, h // hkv + 2, hd)  # (B, T, Hkv, n_rep+2, Dh)
+        q = qkv[:, :, :, :-2].reshape(b, t, h, hd).transpose(1, 2)  # (B, H, T, Dh)
         return q, qkv[:, :, :, -2].transpose(1, 2), qkv[:, :, :, -1].transpose(1, 2)  # k, v: (B, Hkv, T, Dh)
 
 
@@ -246,11 +247,11 @@ class SeparateQKV(Attention):
 
     def __init__(self, cfg: LLMConfig, layer: int):
         super().__init__(cfg, layer)
-        d, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(d, cfg.num_heads * hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=cfg.o_bias)
+        d, h, hkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(d, h * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, hkv * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, hkv * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(h * hd, d, bias=cfg.o_bias)
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
 
@@ -268,11 +269,11 @@ class SeparateQKV(Attention):
 
     def split(self, qkv: torch.Tensor):
         """(B, T, (H+2Hkv)*Dh) → q (B, H, T, Dh), k, v (B, Hkv, T, Dh)."""
-        c = self.cfg
-        q, k, v = qkv.split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], -1)
-        return (q.unflatten(-1, (c.num_heads, c.head_dim)).transpose(1, 2),  # (B, H, T, Dh)
-                k.unflatten(-1, (c.num_kv_heads, c.head_dim)).transpose(1, 2),  # (B, Hkv, T, Dh)
-                v.unflatten(-1, (c.num_kv_heads, c.head_dim)).transpose(1, 2))
+        h, hkv, hd = self.cfg.num_attention_heads, self.cfg.num_key_value_heads, self.cfg.head_dim
+        q, k, v = qkv.split([h * hd, hkv * hd, hkv * hd], -1)
+        return (q.unflatten(-1, (h, hd)).transpose(1, 2),  # (B, H, T, Dh)
+                k.unflatten(-1, (hkv, hd)).transpose(1, 2),  # (B, Hkv, T, Dh)
+                v.unflatten(-1, (hkv, hd)).transpose(1, 2))
 
 
 class DecoderLayer(nn.Module):
@@ -308,7 +309,7 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
         self.add_module(layout(cfg).embed, nn.Embedding(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 

@@ -63,7 +63,7 @@ class MonoInternVL(nn.Module):
         """A KV cache of `batch` rows × `max_len` positions; a ValueError when it cannot fit the device's memory
         (checked before allocating: a huge token budget must not start filling the machine's RAM)."""
         p, c = self.language_model.model.norm.weight, self.cfg.llm  # float, also when the linears are int8
-        need = 2 * c.num_layers * batch * c.num_kv_heads * max_len * c.head_dim * p.element_size()
+        need = 2 * c.num_hidden_layers * batch * c.num_key_value_heads * max_len * c.head_dim * p.element_size()
         have = _memory_bytes(p.device)
         too_big = f"the KV cache of {batch} × {max_len} positions needs {need / 2**30:.1f} GiB"
         if have is not None and need > have:

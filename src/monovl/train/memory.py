@@ -43,7 +43,7 @@ def measure(stage: str, preset_name: str, layers: int, batch: int, seq_len: int,
 
     dev = torch.device(device)
     base = _rss_bytes()
-    cfg = preset(preset_name, **({"num_layers": layers} if layers else {}))
+    cfg = preset(preset_name, **({"num_hidden_layers": layers} if layers else {}))
     model = freeze(random_model(cfg, device=dev).train(), stage)
     if ac:
         apply_ac(model)

@@ -40,7 +40,7 @@ def _config(preset_name: str, layers: int = 0):
     """The preset (with `layers` decoder layers, 0 = its own), <IMG_CONTEXT> where `random_model` puts it."""
     from monovl.config import preset
 
-    cfg = preset(preset_name, **({"num_layers": layers} if layers else {}))
+    cfg = preset(preset_name, **({"num_hidden_layers": layers} if layers else {}))
     cfg.image_token_id = cfg.image_token_id if cfg.image_token_id is not None else cfg.llm.vocab_size - 7
     return cfg
 
