@@ -6,11 +6,11 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
 
 import monovl
 from monovl.cli import main
 from monovl.template import build_query
+from pictures import png
 from spec_checkpoint import write_spec_checkpoint
 from tokenizer_fixture import make_sp_tokenizer_dir
 
@@ -23,7 +23,7 @@ def ckpt(random_ckpt):
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
     path = tmp_path_factory.mktemp("img") / "wide.png"
-    Image.new("RGB", (150, 50), (200, 30, 30)).save(path)
+    path.write_bytes(png((150, 50)))
     return path
 
 

@@ -1,17 +1,15 @@
 """Hostile input to `monovl eval`, `world` and `chat`, and to the numeric flags of every command: one line on
 stderr, exit code 2, no traceback, and nothing is lost that was already computed."""
-import base64
 import errno
-import io
 import json
 
 import pytest
-from PIL import Image
 
 import monovl.checks
 from monovl.cli import main
 from monovl.eval import run
 from monovl.eval.benchmarks import load_benchmark
+from pictures import b64, png
 
 
 def one_error(capsys, argv, code=2) -> str:
@@ -24,12 +22,6 @@ def one_error(capsys, argv, code=2) -> str:
 def write_tsv(path, text: str):
     path.write_text(text, encoding="utf-8")
     return path
-
-
-def _png() -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (20, 20), (200, 30, 30)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture
@@ -60,10 +52,10 @@ def test_eval_reads_the_benchmarks_before_loading_the_model(tmp_path, capsys, no
 
 
 def test_a_short_broken_base64_cell_is_image_data_not_an_index(tmp_path):
-    good = base64.b64encode(_png()).decode()
+    good = b64(png((20, 20)))
     tsv = write_tsv(tmp_path / "b.tsv", f"index\tquestion\timage\n0\tq\t{good}\n1\tq\t0\n2\tq\tiVBORw0KGgo*\n")
     items = load_benchmark(tsv).items
-    assert items[1].images[0].load() == _png()  # "0" is the index of the row holding the image
+    assert items[1].images[0].load() == png((20, 20))  # "0" is the index of the row holding the image
     with pytest.raises(ValueError, match="invalid base64 image data"):
         items[2].images[0].load()
 
@@ -135,7 +127,7 @@ def test_chat_image_with_a_text_only_model(tmp_path, capsys):
     from monovl.checkpoint import SHIPPED_MODEL
 
     llm = SHIPPED_MODEL.parent / "tiny-llm"
-    (tmp_path / "ok.png").write_bytes(_png())
+    (tmp_path / "ok.png").write_bytes(png((20, 20)))
     err = one_error(capsys, ["chat", "--model", str(llm), "--image", str(tmp_path / "ok.png"), "--prompt", "x"])
     assert "text-only LLM: it cannot take --image" in err
 

@@ -1,17 +1,15 @@
 """Evaluation harness: scoring rules on hand-computed cases, TSV reading, prompts, end-to-end runs."""
-import base64
 import csv
-import io
 import json
 
 import pytest
 import torch
-from PIL import Image
 
 from monovl.cli import main
 from monovl.eval import run, scoring
 from monovl.eval.benchmarks import (MC_SUFFIX, VQA_SUFFIX, YESNO_SUFFIX, Item, build_prompt, circular_items,
                                load_benchmark, rotate)
+from pictures import b64, png
 
 
 # ---- scoring rules ----
@@ -177,16 +175,6 @@ def test_circular_accuracy():
 
 
 # ---- TSV reading and prompts ----
-def _png(color=(200, 30, 30), size=(30, 20)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
 def write_tsv(path, rows: list[dict]):
     columns = list(dict.fromkeys(k for r in rows for k in r))
     with open(path, "w", newline="", encoding="utf-8") as f:
@@ -197,13 +185,13 @@ def write_tsv(path, rows: list[dict]):
 
 
 def test_read_base64_reference_list_and_paths(tmp_path):
-    img = _b64(_png())
-    (tmp_path / "pic.png").write_bytes(_png((0, 0, 255)))
+    img = b64(png((30, 20)))
+    (tmp_path / "pic.png").write_bytes(png((30, 20), (0, 0, 255)))
     rows = [
         {"index": 0, "image": img, "question": "q0", "A": "x", "B": "y", "C": "", "answer": "B", "category": "c1",
          "hint": "look"},
         {"index": 1, "image": "0", "question": "q1", "A": "x", "B": "y", "C": "z", "answer": "A", "category": "c2"},
-        {"index": 2, "image": str([img, _b64(_png((0, 255, 0)))]), "question": "q2", "A": "x", "B": "y",
+        {"index": 2, "image": str([img, b64(png((30, 20), (0, 255, 0)))]), "question": "q2", "A": "x", "B": "y",
          "answer": "A"},
     ]
     bench = load_benchmark(write_tsv(tmp_path / "mc.tsv", rows))
@@ -211,9 +199,9 @@ def test_read_base64_reference_list_and_paths(tmp_path):
     a, b, c = bench.items
     assert a.options == {"A": "x", "B": "y"} and a.hint == "look" and a.answer == "B" and a.category == "c1"
     assert b.options == {"A": "x", "B": "y", "C": "z"} and b.hint is None
-    assert a.images[0].load() == _png() and b.images[0].load() == _png()  # index-reference resolved
+    assert a.images[0].load() == png((30, 20)) and b.images[0].load() == png((30, 20))  # index-reference resolved
     assert a.image_key == b.image_key != c.image_key
-    assert len(c.images) == 2 and c.images[1].load() == _png((0, 255, 0))
+    assert len(c.images) == 2 and c.images[1].load() == png((30, 20), (0, 255, 0))
 
     paths = [{"index": 5, "image_path": "pic.png", "question": "q", "answer": "yes"},
              {"index": 6, "image_path": str(["pic.png", "pic.png"]), "question": "q", "answer": "No"}]
@@ -274,13 +262,13 @@ def model_and_tokenizer(random_ckpt, random_loaded):
 
 
 def _mc_rows():
-    img = _b64(_png())
+    img = b64(png((30, 20)))
     return [
         {"index": 0, "image": img, "question": "item-0 colour?", "A": "red", "B": "blue", "answer": "A",
          "category": "colour"},
         {"index": 1, "image": "0", "question": "item-1 shape?", "A": "square", "B": "circle", "C": "star",
          "answer": "C", "category": "shape"},
-        {"index": 2, "image": str([img, _b64(_png((9, 9, 9), (40, 90)))]), "question": "item-2 same?",
+        {"index": 2, "image": str([img, b64(png((40, 90), (9, 9, 9)))]), "question": "item-2 same?",
          "A": "yes", "B": "no", "answer": "B", "category": "shape"},
         {"index": 3, "image": "not base64!" * 9, "question": "item-3 broken?", "A": "p", "B": "q", "answer": "A",
          "category": "colour"},
@@ -349,7 +337,7 @@ def test_circular_right_only_for_some_rotations(model_and_tokenizer, tmp_path, m
 
 def test_vqa_yesno_and_test_split(model_and_tokenizer, tmp_path, monkeypatch):
     _, model, tokenizer = model_and_tokenizer
-    img = _b64(_png())
+    img = b64(png((30, 20)))
     yn = [{"index": 0, "image": img, "question": "item-0 red?", "answer": "Yes", "category": "c"},
           {"index": 1, "image": "0", "question": "item-1 blue?", "answer": "No", "category": "c"}]
     monkeypatch.setattr(run, "generate", _fake_generate(tokenizer, lambda p: "Yes"))

@@ -10,6 +10,7 @@ from monovl.checkpoint import load_model
 from monovl.cli import main
 from monovl.inputs import build_inputs
 from monovl.train.freeze import freeze, trainable_names
+from pictures import RED, b64, data_url, png
 from test_families import build_reference
 
 pytest.importorskip("transformers")
@@ -120,30 +121,25 @@ def test_attention_experts_use_the_familys_projections(family, tmp_path):
 def _image():
     from PIL import Image
 
-    return Image.new("RGB", (60, 40), (200, 30, 30))
+    return Image.new("RGB", (60, 40), RED)
 
 
 def test_info_eval_and_serve_take_the_result(family, tmp_path, capsys):
-    import base64
-    import io
-
     from monovl.serve.prompts import build_prompt
     from monovl.serve.protocol import ChatRequest, ServeConfig
 
     case, _, mono = family
     assert main(["info", "--model", str(mono)]) == 0
     assert f"LLM family {FAMILIES[case][2]})" in capsys.readouterr().out
-    buffer = io.BytesIO()
-    _image().save(buffer, format="PNG")
-    png = base64.b64encode(buffer.getvalue()).decode()
+    image = b64(png())  # `_image()` as PNG
     tsv = tmp_path / "yn.tsv"
-    tsv.write_text("index\timage\tquestion\tanswer\n0\t" + png + "\tIs it red?\tYes\n1\t0\tIs it blue?\tNo\n")
+    tsv.write_text("index\timage\tquestion\tanswer\n0\t" + image + "\tIs it red?\tYes\n1\t0\tIs it blue?\tNo\n")
     assert main(["eval", "--model", str(mono), "--bench", str(tsv), "--out", str(tmp_path / "out"),
                  "--kind", "yesno", "--max-new-tokens", "3"]) == 0
     assert (tmp_path / "out").is_dir() and any((tmp_path / "out").rglob("*.json*"))
     model, tokenizer = monovl.load(mono, dtype=torch.float32)
     content = [{"type": "text", "text": "What is it?"},
-               {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]
+               {"type": "image_url", "image_url": {"url": data_url(png())}}]
     body = ChatRequest(model="m", messages=[{"role": "user", "content": content}])
     ids, pixels = build_prompt(body, model, tokenizer, ServeConfig(model_name="m"))
     want = build_inputs(model, tokenizer, "What is it?", [_image()])
@@ -153,17 +149,17 @@ def test_info_eval_and_serve_take_the_result(family, tmp_path, capsys):
 def test_served_over_http(family):
     import openai
 
-    from test_serve import Server, _data_url, _png
+    from test_serve import Server
 
     _, _, mono = family
     model, tokenizer = monovl.load(mono, dtype=torch.float32)
     server = Server(model, tokenizer, dict(max_batch=2, max_len=512), max_tiles=2)
     try:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-        parts = [{"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": _data_url(_png())}}]
+        parts = [{"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": data_url(png())}}]
         r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": parts}], max_tokens=3,
                                            temperature=0)
     finally:
         server.stop()
-    want = build_inputs(model, tokenizer, "What is it?", [_png()], max_tiles=2)
+    want = build_inputs(model, tokenizer, "What is it?", [png()], max_tiles=2)
     assert r.usage.prompt_tokens == len(want.input_ids) and r.usage.completion_tokens <= 3

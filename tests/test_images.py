@@ -1,6 +1,5 @@
 """Tests for monovl.images: loading, mode conversion, errors, InternVL grid choice and tiling."""
 
-import io
 import random
 import struct
 import warnings
@@ -15,6 +14,7 @@ from PIL import Image
 from monovl.images import (IMAGENET_MEAN, IMAGENET_STD, ImageError, dynamic_preprocess,
                            find_closest_aspect_ratio, load_image, load_pixel_values,
                            target_ratios, tiles_to_tensor)
+from pictures import png
 
 BICUBIC = Image.Resampling.BICUBIC
 
@@ -145,13 +145,12 @@ def test_tiles_to_tensor_normalisation():
 
 @pytest.mark.parametrize("w,h,grid", [(1, 5000, (1, 12)), (5000, 1, (12, 1))])
 def test_extreme_aspect_ratios(w, h, grid):
-    buf = io.BytesIO()
-    Image.new("RGB", (w, h), (50, 100, 150)).save(buf, "PNG")
+    data = png((w, h), (50, 100, 150))
     s = 28
     assert find_closest_aspect_ratio(w / h, target_ratios(1, 12), w, h, s) == grid
-    pv = load_pixel_values(buf.getvalue(), image_size=s)
+    pv = load_pixel_values(data, image_size=s)
     assert pv.shape == (13, 3, s, s) and torch.isfinite(pv).all()
-    assert load_pixel_values(buf.getvalue(), image_size=s, max_tiles=6).shape == (7, 3, s, s)
+    assert load_pixel_values(data, image_size=s, max_tiles=6).shape == (7, 3, s, s)
 
 
 def test_load_pixel_values_not_dynamic(tmp_path):
@@ -280,9 +279,7 @@ def test_exif_orientation(tmp_path):
 
 
 def _png_with_size(w, h):
-    buf = io.BytesIO()
-    Image.new("RGB", (4, 4), (1, 2, 3)).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
+    data = bytearray(png((4, 4), (1, 2, 3)))
     data[16:24] = struct.pack(">II", w, h)  # IHDR width, height
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # CRC over type + IHDR data
     return bytes(data)

@@ -1,7 +1,5 @@
 """The OpenAI-compatible server, live on 127.0.0.1: happy paths with the real `openai` client, every bad
 request answered with a 4xx (the server keeps serving), disconnects, backpressure, auth, metrics, loadtest."""
-import base64
-import io
 import socket
 import threading
 import time
@@ -11,24 +9,14 @@ import openai
 import pytest
 import torch
 import uvicorn
-from PIL import Image
 
 import monovl
 from monovl.loadtest import run_loadtest
+from pictures import data_url, png
 from random_checkpoint import write_random_checkpoint
 from monovl.serve.api import ServeConfig, create_app
 from monovl.serve.engine import Engine
 from monovl.serve.http import protocol_with_header_timeout
-
-
-def _png(size=(60, 40), color=(200, 30, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _data_url(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
 class Server:
@@ -61,7 +49,7 @@ def loaded(random_loaded):
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
     root = tmp_path_factory.mktemp("media")
-    (root / "red.png").write_bytes(_png())
+    (root / "red.png").write_bytes(png())
     return root
 
 
@@ -90,7 +78,7 @@ def test_models_health_and_chat_with_images(server, client, loaded):
     assert [m.id for m in client.models.list()] == ["tiny"]
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     parts = [{"type": "text", "text": "Compare these."},
-             {"type": "image_url", "image_url": {"url": _data_url(_png())}},
+             {"type": "image_url", "image_url": {"url": data_url(png())}},
              {"type": "image_url", "image_url": {"url": "red.png"}}]
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": parts}]
@@ -149,12 +137,6 @@ def test_sampling_seed_and_stop(server, client):
     assert a.startswith(r.choices[0].message.content)
 
 
-def _bomb() -> bytes:
-    buf = io.BytesIO()
-    Image.new("L", (2000, 2000)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 BAD = {
     "malformed_json": (b'{"model": "tiny", "messages": [', 400, "invalid"),
     "wrong_types": ({"model": "tiny", "messages": "hello"}, 400, "messages"),
@@ -164,15 +146,15 @@ BAD = {
     "last_not_user": ({"model": "tiny", "messages": [{"role": "assistant", "content": "x"}]}, 400, "last message"),
     "invalid_base64": (_user([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]), 400,
                        "base64"),
-    "not_an_image": (_user([{"type": "image_url", "image_url": {"url": _data_url(b"hello world")}}]), 400,
+    "not_an_image": (_user([{"type": "image_url", "image_url": {"url": data_url(b"hello world")}}]), 400,
                      "not an image"),
-    "truncated_image": (_user([{"type": "image_url", "image_url": {"url": _data_url(_png((300, 300))[:200])}}]),
+    "truncated_image": (_user([{"type": "image_url", "image_url": {"url": data_url(png((300, 300))[:200])}}]),
                         400, "image"),
-    "decompression_bomb": (_user([{"type": "image_url", "image_url": {"url": _data_url(_bomb())}}]), 400,
-                           "decompression bomb"),
-    "too_many_images": (_user([{"type": "image_url", "image_url": {"url": _data_url(_png())}}] * 4), 400,
+    "decompression_bomb": (_user([{"type": "image_url", "image_url": {"url": data_url(png((2000, 2000), 0, "L"))}}]),
+                           400, "decompression bomb"),
+    "too_many_images": (_user([{"type": "image_url", "image_url": {"url": data_url(png())}}] * 4), 400,
                         "too many images"),
-    "too_many_tiles": (_user([{"type": "image_url", "image_url": {"url": _data_url(_png((600, 100)))}}] * 3), 400,
+    "too_many_tiles": (_user([{"type": "image_url", "image_url": {"url": data_url(png((600, 100)))}}] * 3), 400,
                        "too many image tiles"),
     "remote_url": (_user([{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]), 400,
                    "remote image"),

@@ -6,10 +6,10 @@ import tarfile
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from monovl.config import preset
 from monovl.scratch import new_model
+from pictures import png
 from random_checkpoint import SAMPLE_TEXT
 from monovl.template import IM_END, render
 from monovl.tokenizer import Tokenizer, build_bpe_tokenizer
@@ -30,11 +30,6 @@ def model_cfg(tok):
     return cfg
 
 
-def _png(path, size=(40, 30), color=(200, 30, 30)):
-    Image.new("RGB", size, color).save(path)
-    return path.name
-
-
 def _jsonl(path, records):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
     return str(path)
@@ -43,7 +38,7 @@ def _jsonl(path, records):
 @pytest.fixture
 def data_dir(tmp_path):
     for i in range(4):
-        _png(tmp_path / f"img{i}.png", size=(40 + 30 * i, 30), color=(60 * i, 100, 200))
+        (tmp_path / f"img{i}.png").write_bytes(png((40 + 30 * i, 30), (60 * i, 100, 200)))
     _jsonl(tmp_path / "pairs.jsonl", [{"image": f"img{i}.png", "caption": f"A shape number {i}."} for i in range(4)])
     _jsonl(tmp_path / "text.jsonl", [{"text": f"There are {i} red circles."} for i in range(6)])
     convs = [

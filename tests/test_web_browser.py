@@ -10,7 +10,8 @@ import httpx
 import pytest
 
 from browser import PHONE, Page, chromium, wait_for
-from test_serve import Server, _png
+from pictures import png
+from test_serve import Server
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,8 +61,8 @@ def test_a_text_question_is_answered_as_the_api_answers_it(page, server, tmp_pat
 
 
 def test_images_from_the_picker_a_drop_and_a_paste(page, server, tmp_path):
-    red, blue, green = tmp_path / "red.png", _png(color=(20, 40, 220)), _png(size=(4000, 1000), color=(20, 200, 40))
-    red.write_bytes(_png())
+    red, blue, green = tmp_path / "red.png", png(color=(20, 40, 220)), png(size=(4000, 1000), color=(20, 200, 40))
+    red.write_bytes(png())
     page.attach(red)
     wait_for(lambda: len(page.all("#pending .thumb")) == 1, 10, "the picked image's thumbnail")
     page.ask("What colour is it?")
@@ -181,7 +182,7 @@ def test_a_phone_sized_screen(page, driver, tmp_path):
         page = Page(driver, page.driver.current_url)
         page.wait_connected("tiny")
         page.setting("max-tokens", 8)
-        page.attach(_write(tmp_path / "red.png", _png(size=(300, 200))))
+        page.attach(_write(tmp_path / "red.png", png(size=(300, 200))))
         page.ask("What colour is the picture? Please answer in a short sentence that wraps on a narrow screen.")
         page.wait_answered()
         width = driver.execute_script("return [document.documentElement.scrollWidth, window.innerWidth]")
