@@ -83,6 +83,10 @@ def test_demo_streams_answers_and_writes_a_report(reproduced, tmp_path):
     assert re.search(r"clean drawings .*: [\d.]+ % of \d+ multiple-choice questions \(colour [\d.]+ %, count [\d.]+ %",
                      text)
     assert result["clean"][1:] in result["report"].read_text()  # the report capitalises it
+    asked = {json.loads(line)["question"] for line in (tmp_path / "demo/eval/text.predictions.jsonl").open()}
+    home = (tmp_path / "demo/world-seed0/bench/text.tsv").read_text()  # the facts of the world it trained on
+    assert asked and all(q in home for q in asked)
+    assert not all(q in (tmp_path / "demo/world/bench/text.tsv").read_text() for q in asked)
 
 
 def test_demo_without_a_model_points_to_reproduce(tmp_path):

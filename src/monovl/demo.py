@@ -62,10 +62,13 @@ def demo(model_dir=None, out_dir="demo_report", *, write=lambda s: None, limit: 
         raise FileNotFoundError(f"no model at {model_dir} (no config.json). Train the tiny model with "
                                 "`monovl demo --reproduce --out DIR`, then pass --model DIR/runs/delta/s2/final")
     model, tokenizer = load(model_dir, dtype=torch.float32)
-    world = out / "world"
+    world, home = out / "world", out / "world-seed0"
     if not all((world / "bench" / f).is_file() for f in ("open.tsv", "clean/mc.tsv")):
         generate_world(world, seed=1, scale="eval")
-    scores, cats, counts = evaluate_model(model, tokenizer, world / "bench", out / "eval", limit=limit)
+    if not (home / "bench" / "text.tsv").is_file():  # the text questions: the training world's facts, held-out sums
+        generate_world(home, seed=0, scale="eval")
+    scores, cats, counts = evaluate_model(model, tokenizer, world / "bench", out / "eval", limit=limit,
+                                          text_dir=home / "bench")
     table, summary = category_table(scores, cats, counts), visual_summary(scores, counts)
     clean = clean_summary(evaluate_tsv(model, tokenizer, world / "bench" / "clean" / "mc.tsv",
                                        out / "eval" / "clean", limit=limit))  # its own folder: its files are mc.*
@@ -82,6 +85,7 @@ def demo(model_dir=None, out_dir="demo_report", *, write=lambda s: None, limit: 
     _category_chart(out / "categories.png", cats, counts)
     report = out / "report.md"
     report.write_text(f"# monovl demo: {model_dir}\n\nHeld-out pictures of a world seed the model never trained on. "
+                      "The text column asks about its training world's invented facts and sums it never saw. "
                       f"{summary[0].upper() + summary[1:]}.\n\n{table}\n{clean[0].upper() + clean[1:]}.\n\n"
                       "## Example answers\n\n" + "\n".join(lines)
                       + "\n\n![per-category accuracy](categories.png)\n")

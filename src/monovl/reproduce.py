@@ -61,17 +61,21 @@ def evaluate_tsv(model, tokenizer, path: Path, out_dir: Path | None = None, *, l
 
 
 def evaluate_model(model, tokenizer, bench_dir: Path, out_dir: Path | None = None, *, limit: int | None = None,
-                   text_only: bool = False, progress: bool = False) -> tuple[dict, dict, dict]:
+                   text_only: bool = False, progress: bool = False,
+                   text_dir: Path | None = None) -> tuple[dict, dict, dict]:
     """({bench: overall score}, {bench: {category: score}}, {bench: {"overall" or category: questions}}) on
-    bench_dir/{mc,yesno,open,text}.tsv; a text-only model (or `text_only`) gets the text benchmark only."""
+    bench_dir/{mc,yesno,open,text}.tsv (text.tsv from `text_dir` when given: a world's facts are drawn per seed, so
+    a model is asked about its training world's); a text-only model (or `text_only`) gets the text benchmark only."""
     benches = ("text",) if text_only or model.cfg.vision is None else VISUAL_BENCHES + ("text",)
+    text_dir = Path(text_dir or bench_dir)
     scores, cats, counts = {}, {}, {}
     for name in benches:
-        r = evaluate_tsv(model, tokenizer, bench_dir / f"{name}.tsv", out_dir, limit=limit, progress=progress)
+        folder = text_dir if name == "text" else bench_dir
+        r = evaluate_tsv(model, tokenizer, folder / f"{name}.tsv", out_dir, limit=limit, progress=progress)
         scores[name] = r["overall"]["score"]
         cats[name] = {c: v["score"] for c, v in r["categories"].items()}
         counts[name] = {"overall": r["overall"]["n"]} | {c: v["n"] for c, v in r["categories"].items()}
-    scores["text_lm"] = text_completion_accuracy(model, tokenizer, bench_dir / "text.tsv", limit=limit)
+    scores["text_lm"] = text_completion_accuracy(model, tokenizer, text_dir / "text.tsv", limit=limit)
     return scores, cats, counts
 
 
