@@ -14,7 +14,7 @@ from random_checkpoint import SAMPLE_TEXT
 from monovl.template import IM_END, render
 from monovl.tokenizer import Tokenizer, build_bpe_tokenizer
 from monovl.train.data import DataConfig, SourceConfig, TrainLoader, _items, _parse, expand_meta
-from monovl.train.packing import IGNORE, Packer, Renderer, Sample, collate
+from monovl.train.packing import IGNORE, BadSample, Packer, Renderer, Sample, collate
 from tokenizer_fixture import make_sp_tokenizer_dir
 
 
@@ -110,6 +110,20 @@ def test_pairs_webdataset_and_text_samples(tok, model_cfg, data_dir):
     s = render_(_parse(text_src, next(_items(text_src, 0, 1))[1], ""))
     assert s.input_ids == tok.encode("There are 0 red circles.") + [tok.eos_id]
     assert s.labels == [IGNORE] + s.input_ids[1:]
+
+
+def test_text_segments_carry_loss_only_where_marked(tok, model_cfg, tmp_path):
+    record = {"segments": [{"text": "There are", "loss": False}, {"text": " 0 red"}, {"text": " circles.", "loss": False}]}
+    _jsonl(tmp_path / "seg.jsonl", [record, {"segments": [{"text": 3}]}])
+    src = SourceConfig("text", str(tmp_path / "seg.jsonl"))
+    items = [raw for _, raw in _items(src, 0, 1)]
+    s = Renderer(DataConfig(seq_len=4096), tok, model_cfg)(_parse(src, items[0], ""))
+    head, mid, tail = (tok.encode(t, add_bos=False) for t in ("There are", " 0 red", " circles."))
+    assert s.input_ids == tok.encode("") + head + mid + tail + [tok.eos_id]
+    n = len(tok.encode("")) + len(head)
+    assert s.labels == [IGNORE] * n + mid + [IGNORE] * len(tail) + [tok.eos_id]
+    with pytest.raises(BadSample, match="malformed"):
+        _parse(src, items[1], "")
 
 
 def test_meta_json_expands_to_conversation_sources(tmp_path):

@@ -115,7 +115,8 @@ def _tar_groups(shard: Path) -> Iterator[tuple[str, dict]]:
 
 
 def _parse(src: SourceConfig, raw, caption_prompt: str) -> dict:
-    """A raw item → {"text": str} or {"images": [...], "messages": [...]}; raises BadSample."""
+    """A raw item → {"text": str}, {"segments": [(str, loss?), ...]} or {"images": [...], "messages": [...]};
+    raises BadSample."""
     if src.kind == "webdataset":
         images = [raw[e] for e in IMAGE_EXTS if e in raw]
         caption = raw["txt"].decode("utf-8").strip() if "txt" in raw else None
@@ -128,6 +129,8 @@ def _parse(src: SourceConfig, raw, caption_prompt: str) -> dict:
     root = Path(src.root) if src.root else Path(src.path).parent
     try:
         if src.kind == "text":
+            if "segments" in record:  # [{"text": str, "loss": bool}, ...]: a text with loss on some parts only
+                return {"segments": [(_str(g["text"]), bool(g.get("loss", True))) for g in record["segments"]]}
             return {"text": _str(record["text"])}
         if src.kind == "pairs":
             return {"images": [root / _str(record["image"])], "messages": _pair(_str(record["caption"]), caption_prompt)}

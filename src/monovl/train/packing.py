@@ -63,6 +63,13 @@ class Renderer:
         if "text" in item:
             ids = self.tok.encode(item["text"], add_bos=True) + [self.tok.eos_id]
             return self._fit(Sample(ids, [IGNORE] + ids[1:]))
+        if "segments" in item:  # each segment encoded on its own; loss where it says so (and on the EOS)
+            ids = self.tok.encode("", add_bos=True)  # [BOS], or nothing for a tokenizer without one
+            labels = [IGNORE] * len(ids)
+            for text, with_loss in item["segments"]:
+                part = self.tok.encode(text, add_bos=False)
+                ids, labels = ids + part, labels + (part if with_loss else [IGNORE] * len(part))
+            return self._fit(Sample(ids + [self.tok.eos_id], labels + [self.tok.eos_id]))
         messages, system = list(item["messages"]), self.cfg.system
         if messages and messages[0]["role"] == "system":
             system = system if system is not None else messages[0]["content"]
