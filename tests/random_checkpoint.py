@@ -20,5 +20,7 @@ def write_random_checkpoint(path, preset_name: str = "debug", seed: int = 0) -> 
     tokenizer = build_bpe_tokenizer([SAMPLE_TEXT] * 4, vocab_size=400, out_dir=path)
     cfg = preset(preset_name, vocab_size=tokenizer.vocab_size)
     cfg.image_token_id = tokenizer.img_context_id
-    save_model(new_model(cfg, seed), path, tokenizer=tokenizer)
+    # N(0, 0.02²) weights, not the width's own scale: this model's greedy answers then run on to the token limit,
+    # which the streaming, stop and limit tests rely on
+    save_model(new_model(cfg, seed, std=0.02), path, tokenizer=tokenizer)
     return path
