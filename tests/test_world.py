@@ -211,6 +211,24 @@ def test_reading_drills_answer_every_question_as_the_description_says():
             assert f" {qa.question} {qa.answer}." in asked
 
 
+def test_recall_drills_repeat_every_key_with_its_value_and_score_only_the_values(world):
+    keys, values = D.recall_vocabulary(D.invent_facts(random.Random(0)), random.Random(1))
+    assert len(keys) >= 40 and not set(keys) & set(values) and all(w.isalpha() for w in keys + values)
+    for gaps, name in (((" is",), "recall_gaps"), (("",), "recall")):
+        drill = D.recall_drill(keys, values, random.Random(2), gaps=gaps)
+        context, *queries = drill["segments"]
+        assert context["loss"] is False and len(queries) == 16
+        words = context["text"].rstrip(".").split()
+        pairs = dict(zip(words[::2], words[1::2]))
+        asked = [q["text"].split()[0] for q in queries[::2]]
+        assert sorted(asked) == sorted(pairs) and all(q["loss"] is False for q in queries[::2])
+        assert all(q["text"].endswith(gaps[0]) for q in queries[::2])
+        assert [v["text"].strip() for v in queries[1::2]] == [pairs[k] for k in asked]
+        assert all(v.get("loss", True) for v in queries[1::2])
+        lines = (world / "text" / f"{name}.jsonl").read_text().splitlines()
+        assert lines and all(len(json.loads(line)["segments"]) == 17 for line in lines)
+
+
 def test_reading_conversations_describe_once_and_answer_in_the_benchmark_formats():
     rng = random.Random(4)
     for _ in range(20):
