@@ -1,4 +1,5 @@
 """Training data pipeline: rendering and labels, sources, bad data, overlong policy, packing, sharding, resume."""
+import copy
 import io
 import json
 import tarfile
@@ -124,6 +125,14 @@ def test_text_segments_carry_loss_only_where_marked(tok, model_cfg, tmp_path):
     assert s.labels == [IGNORE] * n + mid + [IGNORE] * len(tail) + [tok.eos_id]
     with pytest.raises(BadSample, match="malformed"):
         _parse(src, items[1], "")
+    no_bos = copy.copy(tok)  # a tokenizer without BOS (Qwen): the sample's first token still carries no loss,
+    no_bos.bos_id = None  # which a packed row would otherwise predict from the sample before it
+    s = Renderer(DataConfig(seq_len=4096), no_bos, model_cfg)(_parse(src, items[0], ""))
+    assert s.input_ids == head + mid + tail + [tok.eos_id]
+    assert s.labels == [IGNORE] * len(head) + mid + [IGNORE] * len(tail) + [tok.eos_id]
+    for item in ({"text": "There are 0 red circles."}, {"segments": [("There are 0 red circles.", True)]}):
+        plain = Renderer(DataConfig(seq_len=4096), no_bos, model_cfg)(item)
+        assert plain.labels == [IGNORE] + plain.input_ids[1:] and plain.input_ids[0] != tok.bos_id
 
 
 def test_meta_json_expands_to_conversation_sources(tmp_path):

@@ -60,16 +60,14 @@ class Renderer:
         self.header = tokenizer.encode("assistant\n", add_bos=False)
 
     def __call__(self, item: dict) -> Sample:
-        if "text" in item:
-            ids = self.tok.encode(item["text"], add_bos=True) + [self.tok.eos_id]
-            return self._fit(Sample(ids, [IGNORE] + ids[1:]))
-        if "segments" in item:  # each segment encoded on its own; loss where it says so (and on the EOS)
-            ids = self.tok.encode("", add_bos=True)  # [BOS], or nothing for a tokenizer without one
-            labels = [IGNORE] * len(ids)
-            for text, with_loss in item["segments"]:
-                part = self.tok.encode(text, add_bos=False)
+        if "text" in item or "segments" in item:  # each segment encoded on its own; a plain text is one, all loss
+            ids, labels = [], []
+            for i, (text, with_loss) in enumerate(item["segments"] if "segments" in item else [(item["text"], True)]):
+                part = self.tok.encode(text, add_bos=i == 0)
                 ids, labels = ids + part, labels + (part if with_loss else [IGNORE] * len(part))
-            return self._fit(Sample(ids + [self.tok.eos_id], labels + [self.tok.eos_id]))
+            ids, labels = ids + [self.tok.eos_id], labels + [self.tok.eos_id]
+            labels[0] = IGNORE  # nothing in the sample predicts its first token (in a packed row, the previous one would)
+            return self._fit(Sample(ids, labels))
         messages, system = list(item["messages"]), self.cfg.system
         if messages and messages[0]["role"] == "system":
             system = system if system is not None else messages[0]["content"]
