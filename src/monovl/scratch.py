@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from monovl.model import MonoInternVL
+from monovl.model.decoder import LAYOUTS
 
 
 def width_std(name: str, shape: torch.Size) -> float:
@@ -19,7 +20,7 @@ def width_std(name: str, shape: torch.Size) -> float:
     updates with this rule and was still guessing after 1,500 with N(0, 0.02²) (same data and learning rate)."""
     if "position_embedding" in name or "class_embedding" in name:
         return 0.02
-    if name.endswith(("tok_embeddings.weight", "embed_tokens.weight")):
+    if name.endswith(tuple(f"{layout.embed}.weight" for layout in LAYOUTS.values())):
         return 1.0
     return (3 * shape[1:].numel()) ** -0.5
 
