@@ -9,7 +9,7 @@ import monovl
 from monovl.config import VisionConfig, preset
 from monovl.scratch import new_model
 from monovl.tokenizer import INTERNVL_TOKENS, Tokenizer, build_bpe_tokenizer
-from monovl.train.freeze import STAGES, freeze, param_groups, trainable_names
+from monovl.train.freeze import STAGES, adamw, freeze, param_groups, trainable_names
 from monovl.train.lora import LoRALinear, apply_lora, merge_lora
 from monovl.train.monolithize import monolithize
 from tokenizer_fixture import corpus, make_sp_tokenizer_dir
@@ -107,7 +107,8 @@ def test_param_groups_and_optimizer_state_only_for_trainable():
     assert no_decay == {"vision_model.embeddings.class_embedding", "vision_model.embeddings.patch_embedding.bias",
                         "vision_model.embeddings.position_embedding", "mlp1.0.weight", "mlp1.0.bias",
                         "mlp1.1.bias", "mlp1.3.bias"}
-    opt = torch.optim.AdamW(groups, lr=1e-3)
+    opt = adamw(groups, lr=1e-3)
+    assert opt.defaults["fused"]
     _loss(model, *_image_batch()).backward()
     opt.step()
     unused = {"vision_model.embeddings.class_embedding"}  # stored in the checkpoint, never used: no gradient
@@ -119,6 +120,27 @@ def test_param_groups_and_optimizer_state_only_for_trainable():
     assert "language_model.model.tok_embeddings.weight" in full_no_decay
     assert "language_model.model.layers.0.ffn_norm.weight" in full_no_decay
     assert "language_model.output.weight" not in full_no_decay
+
+
+def test_fused_adamw_steps_like_the_per_tensor_loop():
+    """The trainer's fused AdamW gives the per-tensor implementation's weights to fp32 rounding (weight decay groups,
+    frozen parameters, several steps)."""
+    weights = []
+    for implementation in ("fused", "loop"):
+        torch.manual_seed(0)
+        model = freeze(_model(attention_experts=True), "s1.3++")
+        groups = param_groups(model, weight_decay=0.1)
+        opt = adamw(groups, lr=1e-2) if implementation == "fused" else torch.optim.AdamW(groups, lr=1e-2,
+                                                                                          foreach=False)
+        assert bool(opt.defaults["fused"]) == (implementation == "fused")
+        for _ in range(3):
+            opt.zero_grad()
+            _loss(model, *_image_batch()).backward()
+            opt.step()
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    start = torch.cat([p.detach().flatten() for p in _model(attention_experts=True).parameters()])
+    assert (weights[0] - start).abs().max() > 1e-3  # the steps moved the weights …
+    assert (weights[0] - weights[1]).abs().max() < 1e-6  # … the same way
 
 
 @pytest.mark.parametrize("attention_experts", [False, True], ids=["v1", "v1.5"])

@@ -229,6 +229,32 @@ def test_recall_drills_repeat_every_key_with_its_value_and_score_only_the_values
         assert lines and all(len(json.loads(line)["segments"]) == 17 for line in lines)
 
 
+def test_recall_choice_asks_keys_as_multiple_choice_or_yes_no_and_scores_only_the_answers(world):
+    keys, values = D.recall_vocabulary(D.invent_facts(random.Random(0)), random.Random(1))
+    kinds = set()
+    for seed in range(20):
+        context, *turns = D.recall_choice(keys, values, random.Random(seed))["segments"]
+        words = context["text"].rstrip(".").split()
+        pairs = dict(zip(words[::2], words[1::2]))
+        assert context["loss"] is False and len(pairs) == 8 and len(turns) == 12
+        for asked, answer in zip(turns[::2], turns[1::2]):
+            assert asked["loss"] is False and answer.get("loss", True)
+            key = asked["text"].split()[0].rstrip("?")
+            if asked["text"].endswith(D.MC):
+                options = [line[3:] for line in asked["text"].splitlines()[2:6]]
+                assert len(set(options)) == 4 and set(options) <= set(pairs.values())
+                assert answer["text"] == " " + D.LETTERS[options.index(pairs[key])]
+                kinds.add("mc")
+            else:
+                assert asked["text"].endswith(D.YESNO)
+                candidate = asked["text"].split()[1].rstrip("?")
+                assert answer["text"] == (" Yes" if candidate == pairs[key] else " No")
+                kinds.add(answer["text"])
+    assert kinds == {"mc", " Yes", " No"}
+    lines = (world / "text" / "recall_choice.jsonl").read_text().splitlines()
+    assert lines and all(len(json.loads(line)["segments"]) == 13 for line in lines)
+
+
 def test_reading_conversations_describe_once_and_answer_in_the_benchmark_formats():
     rng = random.Random(4)
     for _ in range(20):

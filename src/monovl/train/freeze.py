@@ -17,6 +17,7 @@ import fnmatch
 import logging
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from monovl.model.decoder import RMSNorm
@@ -118,3 +119,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
                          "trains something")
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def adamw(groups: list[dict], **kwargs) -> torch.optim.AdamW:
+    """torch's AdamW over `groups`: the fused implementation (one kernel over every tensor; on this project's 2-core
+    CPU ~8× faster than the per-tensor loop that torch picks by default off CUDA) where every parameter is a plain
+    tensor on CPU or CUDA, the foreach one otherwise (FSDP2's sharded DTensor parameters)."""
+    params = [p for g in groups for p in g["params"]]
+    fused = all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, **kwargs, **({"fused": True} if fused else {"foreach": True}))

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from monovl.train import parallel
-from monovl.train.freeze import freeze, param_groups
+from monovl.train.freeze import adamw, freeze, param_groups
 from monovl.train.lora import apply_lora, merge_lora
 from monovl.train.metrics import MetricsWriter
 from monovl.train.objective import loss as loss_of
@@ -268,7 +268,7 @@ def train(cfg: TrainConfig, data=None, *, force: bool = False) -> dict:
     ckpt_dir = run_dir / "checkpoints"
     model, tokenizer, params = _prepare(cfg, device, mesh, compute_dtype, rank)
     autocast_dtype = compute_dtype if mesh is None else None  # FSDP casts parameters itself
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    optimizer = adamw(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.schedule.warmup_steps, total, o.min_lr_ratio))
     data = data if data is not None else build_data(cfg, model.cfg, tokenizer, rank, world)

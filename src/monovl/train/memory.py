@@ -35,7 +35,7 @@ def measure(stage: str, preset_name: str, layers: int, batch: int, seq_len: int,
     On CPU the peak is the process's, so call this in a fresh process (as `main` does)."""
     from monovl.config import preset
     from monovl.scratch import random_model
-    from monovl.train.freeze import freeze, param_groups
+    from monovl.train.freeze import adamw, freeze, param_groups
     from monovl.train.loop import SyntheticData
     from monovl.train.objective import loss
     from monovl.train.parallel import apply_ac
@@ -47,7 +47,7 @@ def measure(stage: str, preset_name: str, layers: int, batch: int, seq_len: int,
     model = freeze(random_model(cfg, device=dev).train(), stage)
     if ac:
         apply_ac(model)
-    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-5)
+    opt = adamw(param_groups(model, 0.05), lr=1e-5)
     tc = TrainConfig()
     tc.data.batch_size, tc.data.seq_len = batch, seq_len
     data = SyntheticData(tc, cfg)

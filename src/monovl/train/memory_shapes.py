@@ -168,11 +168,11 @@ def profile_step(model, batch: dict, optimizer) -> dict[str, float]:
 def profile_main(args) -> int:
     """`--profile`: the split of one S2-shaped step (labelled loss, backward, AdamW) after a warm-up step."""
     from monovl.scratch import random_model
-    from monovl.train.freeze import freeze, param_groups
+    from monovl.train.freeze import adamw, freeze, param_groups
 
     cfg = _config(args.preset, args.layers)
     model = freeze(random_model(cfg).train(), args.stage)
-    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-6)
+    optimizer = adamw(param_groups(model, 0.05), lr=1e-6)
     batch = shape_batch(cfg, "s2")
     with warnings.catch_warnings():  # the vision part's input needs no gradient: said above, not an error
         warnings.filterwarnings("ignore", message="Full backward hook is firing")

@@ -12,6 +12,7 @@
     text/chat.jsonl                                 text-only chat in the stage formats (the base LLM's tuning)
     text/reading.jsonl, text/reading_chat.jsonl     reading practice: described scenes and questions (stage 0)
     text/recall.jsonl, text/recall_gaps.jsonl       associative recall, stage 0's warm-up (loss on the values)
+    text/recall_choice.jsonl                        recall asked as multiple choice and yes/no (loss on the answers)
     */heldout.jsonl                                 held-out split of each of the above
     bench/{mc,yesno,open,text}.tsv                  VLMEvalKit benchmarks on held-out images / facts
     bench/described/{mc,yesno,open}.tsv             the visual benchmarks with each image given as its caption
@@ -242,6 +243,9 @@ def _text_files(w: _Writer, sc: WorldScale, facts, sums, held_sums) -> None:
     w.jsonl("recall", "text/recall.jsonl", (D.recall_drill(keys, values, r) for _ in range(sc.reading // 4)))
     w.jsonl("recall_gaps", "text/recall_gaps.jsonl",
             (D.recall_drill(keys, values, r, gaps=D.RECALL_GAPS) for _ in range(sc.reading // 4)))
+    r = w.rng("recall_choice")  # its own stream: the files above stay as they were
+    w.jsonl("recall_choice", "text/recall_choice.jsonl",
+            (D.recall_choice(keys, values, r) for _ in range(sc.reading // 4)))
     r = w.rng("text_heldout")
     w.jsonl("text_heldout", "text/heldout.jsonl",
             ({"text": D.corpus_line(k, facts, held_sums, r, heldout=True)} for k in kinds[:sc.heldout]))

@@ -381,6 +381,29 @@ def recall_drill(keys: list[str], values: list[str], rng: random.Random, *, gaps
     return {"segments": segments}
 
 
+def recall_choice(keys: list[str], values: list[str], rng: random.Random, *, pairs: int = 8,
+                  queries: int = 6) -> dict:
+    """Recall answered in the benchmarks' closed formats: `pairs` key–value pairs, then keys asked as multiple
+    choice (four of the pairs' values as options; the answer is the letter of the key's value) or as yes/no (is
+    this the key's value?), the loss on the answers only. Open recall alone leaves both at chance: here the
+    looked-up value must also be compared with the options or the candidate."""
+    k = rng.sample(keys, pairs)
+    v = rng.sample(values, pairs)
+    segments = [{"text": "".join(f" {a} {b}" for a, b in zip(k, v)) + ".", "loss": False}]
+    for j in rng.sample(range(pairs), queries):
+        if rng.random() < 0.5:
+            options = rng.sample([x for x in v if x != v[j]], 3) + [v[j]]
+            rng.shuffle(options)
+            segments += [{"text": "\n" + mc_prompt(f"{k[j]}?", options), "loss": False},
+                         {"text": f" {LETTERS[options.index(v[j])]}"}]
+        else:
+            yes = rng.random() < 0.5
+            candidate = v[j] if yes else rng.choice([x for x in v if x != v[j]])
+            segments += [{"text": f"\n{k[j]} {candidate}?{YESNO}", "loss": False},
+                         {"text": " Yes" if yes else " No"}]
+    return {"segments": segments}
+
+
 def corpus_line(kind: str, facts: list[Fact], sums: list[tuple[str, str]], rng: random.Random, *,
                 heldout: bool = False) -> str:
     """One text of the base-LLM corpus: facts, arithmetic or a scene description; `heldout` uses the
