@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100  # label of a position without loss
 
@@ -22,17 +21,45 @@ def labelled_hidden(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor
     return h, target.index_select(0, keep)
 
 
+class _ChunkedHeadCE(torch.autograd.Function):
+    """Summed cross-entropy of head(h) against y, `chunk` rows of logits at a time. The forward keeps no logits;
+    the backward recomputes each chunk's, turns them into their gradient in place (softmax − one-hot) and adds
+    that chunk's share into one weight-gradient buffer, so beyond the weight gradient (which any loss path needs
+    when the head trains) the loss path holds chunk × V floats. Backward math in the weight's dtype."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, y, head, chunk):
+        ctx.head, ctx.chunk = head, chunk
+        ctx.save_for_backward(h, weight, bias, y)
+        return sum(F.cross_entropy(head(h[i:i + chunk]).float(), y[i:i + chunk], reduction="sum")
+                   for i in range(0, h.shape[0], chunk))
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight, bias, y = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        gh = torch.empty_like(h) if need_h else None
+        gw = torch.zeros_like(weight) if need_w else None
+        gb = torch.zeros_like(bias) if need_b else None
+        for i in range(0, h.shape[0], ctx.chunk):
+            hi, yi = h[i:i + ctx.chunk], y[i:i + ctx.chunk]
+            d = ctx.head(hi).float().softmax(-1)  # (n, V) → d loss / d logits
+            d[torch.arange(d.shape[0]), yi] -= 1
+            d = (d * grad).to(weight.dtype)
+            if need_h:
+                gh[i:i + ctx.chunk] = (d @ weight).to(h.dtype)
+            if need_w:
+                gw.addmm_(d.t(), hi.to(weight.dtype))
+            if need_b:
+                gb += d.sum(0).to(gb.dtype)
+        return gh, gw, gb, None, None, None
+
+
 def head_loss(x: torch.Tensor, labels: torch.Tensor, norm, head, chunk: int = 0) -> torch.Tensor:
     """Summed next-token cross-entropy (fp32) of x (B, T, D) against labels (B, T), through `norm` then `head`
-    at the labelled positions only. `chunk` > 0: at most `chunk` rows of logits at a time, each chunk
-    recomputed in the backward pass, so the logits never take more than chunk × V floats; same sum."""
+    (a linear layer) at the labelled positions only. `chunk` > 0: at most `chunk` rows of logits at a time,
+    recomputed in the backward pass (`_ChunkedHeadCE`); same sum, same gradients to fp32 rounding."""
     h, y = labelled_hidden(x, labels)  # (N, D), (N,)
-
-    def ce(h_part: torch.Tensor, y_part: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(head(norm(h_part)).float(), y_part, reduction="sum")  # logits (n, V)
-
     if chunk <= 0 or h.shape[0] <= chunk:
-        return ce(h, y)
-    parts = [checkpoint(ce, h[i:i + chunk], y[i:i + chunk], use_reentrant=False)
-             for i in range(0, h.shape[0], chunk)]
-    return torch.stack(parts).sum()
+        return F.cross_entropy(head(norm(h)).float(), y, reduction="sum")  # logits (N, V)
+    return _ChunkedHeadCE.apply(norm(h), head.weight, head.bias, y, head, chunk)

@@ -84,6 +84,8 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", action="store_true", help="the loss-path benchmark on the S1.1 and S2 shapes")
     p.add_argument("--stage", default="full", help="--shapes: the freeze stage (full = everything trainable)")
     p.add_argument("--shape", default="both", choices=["s1.1", "s2", "both"], help="--shapes: which sample shape")
+    p.add_argument("--loss-path-only", action="store_true",
+                   help="--shapes: measure the loss path alone (seconds, peak memory), not the whole steps")
     p.add_argument("--profile", action="store_true", help="the split of one S2-shaped step by part of the model")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -4,16 +4,19 @@ backward) on two sample shapes, three ways, each in a fresh subprocess so peak m
 - `dense`: logits at every position and both FFN experts on every token, blended by the mask (what the
   official model code computes; monovl's `dense=True`),
 - `full`: routed experts, logits at every position (monovl's loss before `head_loss`),
-- `labelled`: `monovl.train.loss`, logits only where a label is.
+- `labelled`: `monovl.train.loss`, logits only where a label is,
+- `chunked`: the same with `loss_chunk = 16` (at most 16 rows of logits at a time, recomputed in the backward).
 
 The head's share is the time of the loss path alone (final norm, head, cross-entropy, their backward) on the
 same shape, measured in its own subprocess, over the step time; its peak is that subprocess's peak memory
-less the head's weight gradient: the logits, their gradient and the cross-entropy's buffers.
+less the head's weight gradient and less what a one-row loss first allocated (the math libraries' buffers): the
+logits, their gradient and the cross-entropy's buffers.
 """
 from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -24,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 SHAPES = {"s1.1": (32, 32), "s2": (256, 64)}  # shape → (text tokens after the tile, answer tokens at the end)
-PATHS = ("dense", "full", "labelled")
+PATHS = ("dense", "full", "labelled", "chunked")
+CHUNK = 16  # the `chunked` path's loss_chunk
 
 
 def _rss_bytes() -> int:
@@ -61,8 +65,8 @@ def shape_batch(cfg, shape: str) -> dict:
 def _path_loss(model, batch: dict, path: str) -> torch.Tensor:
     from monovl.train import loss
 
-    if path == "labelled":
-        return loss(model, batch)
+    if path in ("labelled", "chunked"):
+        return loss(model, batch, chunk=CHUNK if path == "chunked" else 0)
     logits = model(batch["input_ids"], batch["pixel_values"], dense=path == "dense")  # (1, T, V)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum")
 
@@ -100,11 +104,15 @@ def measure_head(shape: str, path: str, preset_name: str, stage: str, steps: int
     head.weight.requires_grad_(any(fnmatch.fnmatch("language_model.output.weight", p) for p in STAGES[stage]))
     labels = shape_batch(cfg, shape)["labels"]
     x = torch.randn(1, labels.shape[1], d, requires_grad=True)  # (1, T, D)
+    one = torch.full_like(labels, -100)
+    one[0, -1] = labels[0, -1]
+    head_loss(x, one, norm, head).backward()  # one row first: the math libraries' own buffers are not the path's
+    x.grad = head.weight.grad = None
     base, times = _rss_bytes(), []
     for _ in range(steps + 1):
         t0 = time.perf_counter()
-        if path == "labelled":
-            loss = head_loss(x, labels, norm, head)
+        if path in ("labelled", "chunked"):
+            loss = head_loss(x, labels, norm, head, chunk=CHUNK if path == "chunked" else 0)
         else:
             loss = F.cross_entropy(head(norm(x))[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
         loss.backward()
@@ -190,9 +198,13 @@ def profile_main(args) -> int:
 
 
 def _child(args, kind: str, shape: str, path: str) -> dict:
+    """One measurement in a fresh process. glibc's malloc is given a fixed mmap threshold there: with its default
+    (raised each time a large buffer is freed) freed logits stay in the heap and the peak RSS would measure the
+    allocator's history rather than the memory the path holds."""
     cmd = [sys.executable, "-m", "monovl.train.memory_shapes", kind, shape, path, args.preset, str(args.layers),
            args.stage, str(args.steps)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    env = os.environ | {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -203,16 +215,20 @@ def main(args) -> int:
     for shape in SHAPES if args.shape == "both" else [args.shape]:
         rows = {}
         for path in PATHS:
-            rows[path] = _child(args, "step", shape, path)
-            head_path = "full" if path == "dense" else path
-            rows[path] |= _child(args, "head", shape, head_path)
-            r = rows[path]
+            if args.loss_path_only and path == "dense":
+                continue  # its loss path is the full one
+            r = rows[path] = _child(args, "head", shape, "full" if path == "dense" else path)
+            loss_path = f"loss path {r['head_s']:5.2f} s, peak {r['head_peak_bytes'] / 2**20:7.1f} MiB"
+            if args.loss_path_only:
+                print(f"{shape:5s} {path:9s} {loss_path}", flush=True)
+                continue
+            r |= _child(args, "step", shape, path)
             print(f"{shape:5s} {path:9s} {r['tokens'] / r['step_s']:8.1f} tokens/s ({r['step_s']:6.2f} s/step, "
                   f"{rows['dense']['step_s'] / r['step_s']:4.2f}x dense) | peak {r['peak_bytes'] / 2**30:6.2f} GiB | "
-                  f"loss path {r['head_s']:5.2f} s = {r['head_s'] / r['step_s']:5.1%} of the step, peak "
-                  f"{r['head_peak_bytes'] / 2**30:5.2f} GiB", flush=True)
-        ratio = rows["labelled"]["head_peak_bytes"] / rows["full"]["head_peak_bytes"]
-        print(f"{shape:5s} loss-path peak memory, labelled / full: {ratio:.3f}", flush=True)
+                  f"{loss_path} = {r['head_s'] / r['step_s']:5.1%} of the step", flush=True)
+        for path in ("labelled", "chunked"):
+            ratio = rows[path]["head_peak_bytes"] / rows["full"]["head_peak_bytes"]
+            print(f"{shape:5s} loss-path peak memory, {path} / full: {ratio:.3f}", flush=True)
     return 0
 
 
