@@ -10,7 +10,7 @@ import monovl
 from monovl.config import preset
 from monovl.checkpoint import SHIPPED_MODEL
 from monovl.demo import demo
-from monovl.reproduce import (READING, SHIPPED_LLM, STAGES, prepare, reproduce, stage_config, text_logits,
+from monovl.reproduce import (WARMUP, SHIPPED_LLM, STAGES, prepare, reproduce, stage_config, text_logits,
                               visual_chance)
 
 
@@ -31,9 +31,10 @@ def test_tiny_presets_share_one_llm():
 
 def test_stage_configs_chain_delta_and_full(tmp_path):
     s0, s11 = stage_config("s0_llm", tmp_path, "delta"), stage_config("s1_1", tmp_path, "full")
-    read = stage_config(READING, tmp_path, "delta")
-    assert read.model.path == str(tmp_path / "runs/init") and s0.model.path == str(tmp_path / f"runs/{READING}/final")
-    assert [s["kind"] for s in read.data.sources] == ["text"] and read.data.seq_len <= s0.data.seq_len
+    warm = [stage_config(stem, tmp_path, "delta") for stem in WARMUP]  # stage 0's parts before s0_llm
+    assert [w.model.path for w in warm] == [str(tmp_path / "runs/init")] + [f"{w.run.out_dir}/final" for w in warm[:-1]]
+    assert s0.model.path == f"{warm[-1].run.out_dir}/final" and len({w.run.out_dir for w in warm}) == len(WARMUP)
+    assert [s["kind"] for s in warm[0].data.sources] == ["text"] and warm[0].data.seq_len <= s0.data.seq_len
     assert s0.model.preset == "tiny-llm" and s0.data.sources[0]["kind"] == "text"
     assert s11.model.path == str(tmp_path / "runs/s0/final") and s11.model.stage == "full"
     delta = stage_config("s1_3", tmp_path, "delta", steps_scale=0.5)

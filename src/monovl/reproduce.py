@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 SHIPPED_LLM = SHIPPED_MODEL.parent / "tiny-llm"  # stage 0: the pre-trained plain LLM the shipped model starts from
 RECIPES = Path(__file__).resolve().parent / "recipes" / "tiny" / "evip"  # package data: works from a wheel
 STAGES = ("s0_llm", "s1_1", "s1_2", "s1_3", "s2")  # recipe stems, in training order
-READING = "s0_read"  # stage 0's first part (only with --from-scratch): the drills that teach the LLM to read
+WARMUP = ("s0_recall", "s0_reading", "s0_choice")  # stage 0's first parts (only with --from-scratch): a reader
 VISUAL_BENCHES = ("mc", "yesno", "open")
 CHANCE = {"mc": 0.25, "yesno": 0.5, "open": 0.0}  # 4 options; yes/no; free answers (no guessing floor)
 TOKENIZER_VOCAB = {"small": 512, "default": 1024}
@@ -127,11 +127,12 @@ def stage_config(stem: str, root: Path, chain: str, steps_scale: float = 1.0, pr
     for src in cfg.data.sources:
         src["path"] = str(root / "world" / Path(src["path"]).relative_to("data/world"))
     runs = root / "runs"
-    index = STAGES.index(stem) if stem != READING else -1
-    if index == -1:
-        cfg.model.path, cfg.run.out_dir = str(runs / "init"), str(runs / READING)
-    elif index == 0:
-        cfg.model.path, cfg.run.out_dir = str(runs / READING / "final"), str(runs / "s0")
+    if stem in WARMUP:
+        before = WARMUP.index(stem) - 1
+        cfg.model.path = str(runs / (WARMUP[before] + "/final" if before >= 0 else "init"))
+        cfg.run.out_dir = str(runs / stem)
+    elif (index := STAGES.index(stem)) == 0:
+        cfg.model.path, cfg.run.out_dir = str(runs / WARMUP[-1] / "final"), str(runs / "s0")
     else:
         prev = runs / "s0" if index == 1 else runs / chain / STAGES[index - 1]
         cfg.model.path, cfg.run.out_dir = str(prev / "final"), str(runs / chain / stem)
@@ -188,8 +189,8 @@ def reproduce(out_dir, scale: str = "default", steps_scale: float = 1.0, *, eval
             if stem == STAGES[0] and not from_scratch:
                 path = root / "runs" / "s0" / "final"  # the shipped pre-trained LLM (prepare copied it)
             else:
-                if stem == STAGES[0]:
-                    train(stage_config(READING, root, chain, steps_scale, progress))
+                for warmup in WARMUP if stem == STAGES[0] else ():
+                    train(stage_config(warmup, root, chain, steps_scale, progress))
                 path = train(cfg)["final"]
             res = StageResult(chain, stem, train_seconds=time.perf_counter() - t)
             model, tokenizer = load(path, dtype=torch.float32)
