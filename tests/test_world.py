@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from monovl.world import generate_world, world_texts
-from monovl.world import data as D
+from monovl.world import data as D, recall as R
 from monovl.world.images import COLOURS, IMAGE_SIZES, TILE, render, sample_scene
 
 
@@ -212,10 +212,10 @@ def test_reading_drills_answer_every_question_as_the_description_says():
 
 
 def test_recall_drills_repeat_every_key_with_its_value_and_score_only_the_values(world):
-    keys, values = D.recall_vocabulary(D.invent_facts(random.Random(0)), random.Random(1))
+    keys, values = R.recall_vocabulary(D.invent_facts(random.Random(0)), random.Random(1))
     assert len(keys) >= 40 and not set(keys) & set(values) and all(w.isalpha() for w in keys + values)
     for gaps, name in (((" is",), "recall_gaps"), (("",), "recall")):
-        drill = D.recall_drill(keys, values, random.Random(2), gaps=gaps)
+        drill = R.recall_drill(keys, values, random.Random(2), gaps=gaps)
         context, *queries = drill["segments"]
         assert context["loss"] is False and len(queries) == 16
         words = context["text"].rstrip(".").split()
@@ -230,10 +230,10 @@ def test_recall_drills_repeat_every_key_with_its_value_and_score_only_the_values
 
 
 def test_recall_choice_asks_keys_as_multiple_choice_or_yes_no_and_scores_only_the_answers(world):
-    keys, values = D.recall_vocabulary(D.invent_facts(random.Random(0)), random.Random(1))
+    keys, values = R.recall_vocabulary(D.invent_facts(random.Random(0)), random.Random(1))
     kinds = set()
     for seed in range(20):
-        context, *turns = D.recall_choice(keys, values, random.Random(seed))["segments"]
+        context, *turns = R.recall_choice(keys, values, random.Random(seed))["segments"]
         words = context["text"].rstrip(".").split()
         pairs = dict(zip(words[::2], words[1::2]))
         assert context["loss"] is False and len(pairs) == 8 and len(turns) == 12

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from monovl.checks import write_failed, writable_dir
-from monovl.world import data as D
+from monovl.world import data as D, recall as R
 from monovl.world.clean import clean_bench
 from monovl.world.images import (BACKGROUNDS, COLOURS, IMAGE_SIZES, NUMBERS, PATTERNS, POSITIONS, SHAPES, SIZES,
                                  TILE, WORDS, Scene, Style, b64, png_bytes, render, sample_scene,
@@ -239,13 +239,13 @@ def _text_files(w: _Writer, sc: WorldScale, facts, sums, held_sums) -> None:
             ({"id": f"reading-{k:06d}", "conversations": D.reading_conversation(sample_scene(r), r)}
              for k in range(sc.reading)))
     r = w.rng("recall")
-    keys, values = D.recall_vocabulary(facts, r)
-    w.jsonl("recall", "text/recall.jsonl", (D.recall_drill(keys, values, r) for _ in range(sc.reading // 4)))
+    keys, values = R.recall_vocabulary(facts, r)
+    w.jsonl("recall", "text/recall.jsonl", (R.recall_drill(keys, values, r) for _ in range(sc.reading // 4)))
     w.jsonl("recall_gaps", "text/recall_gaps.jsonl",
-            (D.recall_drill(keys, values, r, gaps=D.RECALL_GAPS) for _ in range(sc.reading // 4)))
+            (R.recall_drill(keys, values, r, gaps=R.RECALL_GAPS) for _ in range(sc.reading // 4)))
     r = w.rng("recall_choice")  # its own stream: the files above stay as they were
     w.jsonl("recall_choice", "text/recall_choice.jsonl",
-            (D.recall_choice(keys, values, r) for _ in range(sc.reading // 4)))
+            (R.recall_choice(keys, values, r) for _ in range(sc.reading // 4)))
     r = w.rng("text_heldout")
     w.jsonl("text_heldout", "text/heldout.jsonl",
             ({"text": D.corpus_line(k, facts, held_sums, r, heldout=True)} for k in kinds[:sc.heldout]))
