@@ -27,7 +27,7 @@ def recall_drill(keys: list[str], values: list[str], rng: random.Random, *, gaps
     """Associative recall, stage 0's warm-up: `pairs` key–value word pairs, then every key again in another order,
     each followed (after one of `gaps`) by its value; the loss on the values only (a `segments` text). On this a
     small LLM forms the look-up head (find the key, copy what follows it) that reading is built on; with the
-    value right after the key it forms first, and the gapped forms follow (see README, "Reproducing")."""
+    value right after the key it forms first, and the gapped forms follow (docs/reading.md)."""
     k, gap = rng.sample(keys, pairs), rng.choice(gaps)
     v = [rng.choice(values) for _ in k]
     segments = [{"text": "".join(f" {a} {b}" for a, b in zip(k, v)) + ".", "loss": False}]
