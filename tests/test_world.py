@@ -356,7 +356,7 @@ def test_clean_drawings_benchmark(world):
         assert img.getpixel((0, 0)) == (255, 255, 255)
         answer = r[r["answer"]]
         assert len({r[k] for k in "ABCD"}) == 4
-        pixels = set(img.getdata())
+        pixels = set(img.get_flattened_data())
         if r["category"] == "colour":
             assert CSS[answer] in pixels
         if r["category"] == "count":
