@@ -8,7 +8,7 @@ from monovl.scratch import new_model
 
 
 def _std(model, suffix: str) -> float:
-    return float(dict(model.named_parameters())[suffix].std())
+    return float(dict(model.named_parameters())[suffix].detach().std())
 
 
 def test_width_aware_initialisation_scales_with_fan_in():
