@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 SHAPES = {"s1.1": (32, 32), "s2": (256, 64)}  # shape → (text tokens after the tile, answer tokens at the end)
 PATHS = ("dense", "full", "labelled", "chunked")
-CHUNK = 16  # the `chunked` path's loss_chunk
+LOSS_CHUNK = {"labelled": 0, "chunked": 16}  # the paths through `head_loss`, with their loss_chunk
 
 
 def _rss_bytes() -> int:
@@ -65,8 +65,8 @@ def shape_batch(cfg, shape: str) -> dict:
 def _path_loss(model, batch: dict, path: str) -> torch.Tensor:
     from monovl.train import loss
 
-    if path in ("labelled", "chunked"):
-        return loss(model, batch, chunk=CHUNK if path == "chunked" else 0)
+    if path in LOSS_CHUNK:
+        return loss(model, batch, chunk=LOSS_CHUNK[path])
     logits = model(batch["input_ids"], batch["pixel_values"], dense=path == "dense")  # (1, T, V)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum")
 
@@ -111,8 +111,8 @@ def measure_head(shape: str, path: str, preset_name: str, stage: str, steps: int
     base, times = _rss_bytes(), []
     for _ in range(steps + 1):
         t0 = time.perf_counter()
-        if path in ("labelled", "chunked"):
-            loss = head_loss(x, labels, norm, head, chunk=CHUNK if path == "chunked" else 0)
+        if path in LOSS_CHUNK:
+            loss = head_loss(x, labels, norm, head, chunk=LOSS_CHUNK[path])
         else:
             loss = F.cross_entropy(head(norm(x))[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
         loss.backward()
@@ -226,7 +226,7 @@ def main(args) -> int:
             print(f"{shape:5s} {path:9s} {r['tokens'] / r['step_s']:8.1f} tokens/s ({r['step_s']:6.2f} s/step, "
                   f"{rows['dense']['step_s'] / r['step_s']:4.2f}x dense) | peak {r['peak_bytes'] / 2**30:6.2f} GiB | "
                   f"{loss_path} = {r['head_s'] / r['step_s']:5.1%} of the step", flush=True)
-        for path in ("labelled", "chunked"):
+        for path in LOSS_CHUNK:
             ratio = rows[path]["head_peak_bytes"] / rows["full"]["head_peak_bytes"]
             print(f"{shape:5s} loss-path peak memory, {path} / full: {ratio:.3f}", flush=True)
     return 0

@@ -23,6 +23,11 @@ def recall_vocabulary(facts: list[Fact], rng: random.Random) -> tuple[list[str],
     return words[: len(words) // 2], words[len(words) // 2:]
 
 
+def _listed(keys: list[str], values: list[str]) -> dict:
+    """A drill's context segment: the key–value pairs in a row (" k1 v1 k2 v2 …."), without loss."""
+    return {"text": "".join(f" {a} {b}" for a, b in zip(keys, values)) + ".", "loss": False}
+
+
 def recall_drill(keys: list[str], values: list[str], rng: random.Random, *, gaps=("",), pairs: int = 8) -> dict:
     """Associative recall, stage 0's warm-up: `pairs` key–value word pairs, then every key again in another order,
     each followed (after one of `gaps`) by its value; the loss on the values only (a `segments` text). On this a
@@ -30,7 +35,7 @@ def recall_drill(keys: list[str], values: list[str], rng: random.Random, *, gaps
     value right after the key it forms first, and the gapped forms follow (docs/reading.md)."""
     k, gap = rng.sample(keys, pairs), rng.choice(gaps)
     v = [rng.choice(values) for _ in k]
-    segments = [{"text": "".join(f" {a} {b}" for a, b in zip(k, v)) + ".", "loss": False}]
+    segments = [_listed(k, v)]
     for j in rng.sample(range(pairs), pairs):
         segments += [{"text": f" {k[j]}{gap}", "loss": False}, {"text": f" {v[j]}"}]
     return {"segments": segments}
@@ -44,7 +49,7 @@ def recall_choice(keys: list[str], values: list[str], rng: random.Random, *, pai
     looked-up value must also be compared with the options or the candidate."""
     k = rng.sample(keys, pairs)
     v = rng.sample(values, pairs)
-    segments = [{"text": "".join(f" {a} {b}" for a, b in zip(k, v)) + ".", "loss": False}]
+    segments = [_listed(k, v)]
     for j in rng.sample(range(pairs), queries):
         if rng.random() < 0.5:
             options = rng.sample([x for x in v if x != v[j]], 3) + [v[j]]
