@@ -265,3 +265,28 @@ def test_monolithize_round_trip(tmp_path, kind):
 def test_monolithize_rejects_a_vision_model():
     with pytest.raises(ValueError, match="text-only LLM"):
         monolithize(_model(), None)
+
+
+def test_monolithize_random_experts_leave_the_text_path_alone(tmp_path):
+    llm_dir = tmp_path / "llm"
+    build_bpe_tokenizer(corpus(), 320, llm_dir)
+    _strip_internvl_tokens(llm_dir)
+    llm_tok = Tokenizer.from_dir(llm_dir)
+    cfg = preset("debug", vocab_size=llm_tok.vocab_size, visual_ffn_experts=False)
+    cfg.vision = None
+    monovl.save_model(new_model(cfg, seed=3), llm_dir, tokenizer=llm_tok)
+    llm = monovl.load_model(llm_dir)
+    vision = VisionConfig(image_size=56, patch_size=14, hidden_size=32)
+    model, _ = monolithize(llm, llm_tok, vision=vision, visual_attention_experts=True, expert_init="random")
+    p, src = dict(model.named_parameters()), dict(llm.named_parameters())
+    layer = "language_model.model.layers.1."
+    for expert, text in (("feed_forward_ve.w2.weight", "feed_forward.w2.weight"),
+                         ("attention_ve.wqkv.weight", "attention.wqkv.weight")):
+        assert not torch.equal(p[layer + expert], src[layer + text])
+        assert p[layer + expert].std().item() == pytest.approx(0.02, rel=0.2)
+    assert torch.equal(p[layer + "feed_forward.w2.weight"], src[layer + "feed_forward.w2.weight"])
+    text = torch.tensor([llm_tok.encode("two cats and a dog")])
+    with torch.no_grad():
+        assert torch.equal(model(text)[..., :llm_tok.vocab_size], llm(text))
+    with pytest.raises(ValueError, match="expert_init"):
+        monolithize(llm, llm_tok, vision=vision, expert_init="zeros")

@@ -90,7 +90,8 @@ def test_resume_refuses_when_no_state_is_intact(tmp_path):
 
 @pytest.mark.parametrize("override,words", [("schedule.steps=-5", "schedule.steps"), ("optim.betas=['a','b']", "betas"),
                                             ("optim.betas=[0.9]", "betas"), ("run.device=tpu", "run.device"),
-                                            ("optim.lr=nan", "optim.lr"), ("data.batch_size=0", "data.batch_size")])
+                                            ("optim.lr=nan", "optim.lr"), ("data.batch_size=0", "data.batch_size"),
+                                            ("model.expert_init=zeros", "model.expert_init")])
 def test_bad_recipe_values_name_the_key_before_any_work(tmp_path, capsys, override, words):
     from monovl.cli import main
     from test_train_loop import write_recipe

@@ -20,7 +20,8 @@ def cmd_monolithize(args) -> int:
     llm, tokenizer = load(args.llm_dir, dtype=torch.float32)
     model, tokenizer = monolithize(llm, tokenizer, vision=geometry.vision, downsample_ratio=geometry.downsample_ratio,
                                    max_dynamic_patch=geometry.max_dynamic_patch,
-                                   visual_attention_experts=args.attention_experts, seed=args.seed)
+                                   visual_attention_experts=args.attention_experts, seed=args.seed,
+                                   expert_init=args.expert_init)
     save_model(model, args.out_dir, dtype=parse_dtype(args.dtype), tokenizer=tokenizer)
     c = model.cfg
     total = sum(p.numel() for p in model.parameters())
@@ -43,6 +44,8 @@ def register(subparsers) -> None:
                    "gets")
     p.add_argument("--attention-experts", action="store_true",
                    help="also add visual attention experts (Mono-InternVL-1.5 / EViP++)")
+    p.add_argument("--expert-init", choices=["text", "random"], default="text",
+                   help="visual experts copied from the text ones (Mono-InternVL's way) or drawn at random")
     p.add_argument("--seed", type=number(int, -(2**63), 2**64 - 1), default=0,
                    help="seed of the patch embedding and mlp1 initialisation")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,

@@ -103,7 +103,8 @@ def build_model(cfg: TrainConfig, device: torch.device):
             model, tokenizer = monolithize(model, tokenizer, vision=geometry.vision,
                                            downsample_ratio=geometry.downsample_ratio,
                                            max_dynamic_patch=geometry.max_dynamic_patch,
-                                           visual_attention_experts=m.attention_experts, seed=m.seed)
+                                           visual_attention_experts=m.attention_experts, seed=m.seed,
+                                           expert_init=m.expert_init)
             model = model.to(device)
         return model.train(), tokenizer
     return random_model(preset(m.preset), seed=m.seed, device=device).train(), None

@@ -94,11 +94,21 @@ def _template(src_cfg: ModelConfig, tokenizer: Tokenizer) -> str:
     return TOKENIZER_TEMPLATE
 
 
+EXPERT_INITS = ("text", "random")
+
+
 @torch.no_grad()
 def monolithize(llm_model: MonoInternVL, llm_tokenizer: Tokenizer, *, vision: VisionConfig | None = None,
                 downsample_ratio: float = 0.5, max_dynamic_patch: int = 12, visual_attention_experts: bool = False,
-                out_tokenizer_dir=None, seed: int = 0, std: float = 0.02) -> tuple[MonoInternVL, Tokenizer]:
-    """A Mono-InternVL model and tokenizer from a plain LLM (as `monovl.load_model` returns it)."""
+                out_tokenizer_dir=None, seed: int = 0, std: float = 0.02,
+                expert_init: str = "text") -> tuple[MonoInternVL, Tokenizer]:
+    """A Mono-InternVL model and tokenizer from a plain LLM (as `monovl.load_model` returns it).
+
+    `expert_init`: "text" copies each visual expert from its text twin, as Mono-InternVL does; "random" draws them
+    like the patch embedding (N(0, std²), biases 0). A small LLM learns shapes far sooner from random experts (the
+    README's perception measurements)."""
+    if expert_init not in EXPERT_INITS:
+        raise ValueError(f"expert_init must be one of {EXPERT_INITS}, got {expert_init!r}")
     src_cfg = llm_model.cfg
     if src_cfg.vision is not None:
         raise ValueError("monolithize expects a text-only LLM (a *ForCausalLM); this model already has a "
@@ -129,8 +139,12 @@ def monolithize(llm_model: MonoInternVL, llm_tokenizer: Tokenizer, *, vision: Vi
     model = model.to_empty(device=ref.device).to(ref.dtype)
     model.language_model.tie_weights()
     added = [*model.vision_model.named_parameters(prefix="vision_model"), *model.mlp1.named_parameters(prefix="mlp1")]
-    init_parameters_(added, torch.Generator().manual_seed(seed), std)  # patch embedding, mlp1
+    generator = torch.Generator().manual_seed(seed)
+    init_parameters_(added, generator, std)  # patch embedding, mlp1
     for name, p in model.language_model.named_parameters(prefix="language_model"):
+        if expert_init == "random" and "_ve." in name:
+            init_parameters_([(name, p)], generator, std)
+            continue
         w = src[_source_name(name, src_names)]
         if name.endswith(_VOCAB_ROWS):
             _copy_vocab_rows_(p, w, new_ids, n_tokens=min(old_vocab, llm_tokenizer.vocab_size))

@@ -19,6 +19,7 @@ class ModelSection:
     preset: str = "debug"  # without `path`: random weights of this preset; with a plain InternLM2 `path`: the
     # vision geometry (tile size, patch, width, pixel shuffle) of the patch embedding that monolithizing adds
     attention_experts: bool = False  # monolithizing a plain LLM: also add v1.5 attention experts (EViP++)
+    expert_init: str = "text"  # monolithizing: visual experts copied from the text ones ("text") or "random"
     seed: int = 0  # random initialisation seed (without `path`)
     stage: str = "full"  # freeze stage: s1.1, s1.2, s1.3, s2, full (see monovl.train.freeze.STAGES)
     trainable: list[str] = field(default_factory=list)  # fnmatch patterns; non-empty overrides `stage`
@@ -198,6 +199,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
                                   for b in betas):
         raise ValueError(f"optim.betas = {betas!r}: must be two numbers in [0, 1)")
+    if cfg.model.expert_init not in ("text", "random"):
+        raise ValueError(f"model.expert_init = {cfg.model.expert_init!r}: must be text or random")
     if cfg.run.device != "auto" and not re.fullmatch(r"(cpu|cuda|mps|xpu)(:\d+)?", cfg.run.device):
         raise ValueError(f"run.device = {cfg.run.device!r}: must be auto, cpu, cuda, cuda:N, mps or xpu")
     return cfg
