@@ -130,7 +130,6 @@ def main(argv=None) -> None:
         p.error(f"--pairs {args.pairs}: no such file (make a world with `monovl world OUT_DIR`)")
     from monovl import load
     from monovl.checkpoint import SHIPPED_MODEL
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model, tokenizer = load(args.model or SHIPPED_MODEL, dtype=torch.float32)
     print(format_table(image_dependence(model, tokenizer, args.pairs, limit=args.limit, max_tiles=args.max_tiles)))
 
