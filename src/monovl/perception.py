@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
+from monovl.train.data_config import DataConfig
+from monovl.world.data import NUMBER_WORDS
 from monovl.world.images import COLOURS, POSITIONS, SHAPES, SIZES
 
 CLASSES = ("colour", "shape", "size", "position", "count", "written", "background")
-NUMBER_WORDS = ("one", "two", "three", "four")
 _POSITION_WORDS = {w for p in POSITIONS for w in p.split()}
-CAPTION_PROMPT = "Describe the image."  # the S1.2 pairs' prompt (`DataConfig.caption_prompt`)
 
 
 @dataclass
@@ -81,7 +81,7 @@ def _caption_tokens(tokenizer, caption: str) -> tuple[list[int], list[str | None
 @torch.no_grad()
 def _token_losses(model, tokenizer, image, ids: list[int], max_tiles: int | None) -> torch.Tensor:
     from monovl.inputs import build_inputs
-    inputs = build_inputs(model, tokenizer, CAPTION_PROMPT, [image], max_tiles=max_tiles)
+    inputs = build_inputs(model, tokenizer, DataConfig.caption_prompt, [image], max_tiles=max_tiles)  # S1.2's prompt
     x = torch.cat([inputs.input_ids, torch.tensor(ids)])[None]
     logp = model(x, inputs.pixel_values).float().log_softmax(-1)[0]
     start = len(inputs.input_ids) - 1  # the logits that predict the caption's first token

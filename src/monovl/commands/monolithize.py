@@ -44,7 +44,9 @@ def register(subparsers) -> None:
                    "gets")
     p.add_argument("--attention-experts", action="store_true",
                    help="also add visual attention experts (Mono-InternVL-1.5 / EViP++)")
-    p.add_argument("--expert-init", choices=["text", "random"], default="text",
+    from monovl.train.recipe import EXPERT_INITS
+
+    p.add_argument("--expert-init", choices=EXPERT_INITS, default="text",
                    help="visual experts copied from the text ones (Mono-InternVL's way) or drawn at random")
     p.add_argument("--seed", type=number(int, -(2**63), 2**64 - 1), default=0,
                    help="seed of the patch embedding and mlp1 initialisation")

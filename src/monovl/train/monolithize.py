@@ -24,6 +24,7 @@ from monovl.config import TOKENIZER_TEMPLATE, ModelConfig, VisionConfig
 from monovl.model import MonoInternVL
 from monovl.scratch import init_parameters_
 from monovl.tokenizer import INTERNVL_TOKENS, Tokenizer
+from monovl.train.recipe import EXPERT_INITS
 
 log = logging.getLogger(__name__)
 _FLAGS = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
@@ -92,9 +93,6 @@ def _template(src_cfg: ModelConfig, tokenizer: Tokenizer) -> str:
                     src_cfg.llm.family)
         return "internlm2-chat"
     return TOKENIZER_TEMPLATE
-
-
-EXPERT_INITS = ("text", "random")
 
 
 @torch.no_grad()

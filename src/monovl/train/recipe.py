@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+EXPERT_INITS = ("text", "random")  # how monolithizing starts the visual experts (`monolithize(expert_init=…)`)
+
+
 @dataclass
 class ModelSection:
     path: str = ""  # release-format checkpoint to start from; empty = random weights of `preset`
@@ -199,8 +202,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
                                   for b in betas):
         raise ValueError(f"optim.betas = {betas!r}: must be two numbers in [0, 1)")
-    if cfg.model.expert_init not in ("text", "random"):
-        raise ValueError(f"model.expert_init = {cfg.model.expert_init!r}: must be text or random")
+    if cfg.model.expert_init not in EXPERT_INITS:
+        raise ValueError(f"model.expert_init = {cfg.model.expert_init!r}: must be one of {', '.join(EXPERT_INITS)}")
     if cfg.run.device != "auto" and not re.fullmatch(r"(cpu|cuda|mps|xpu)(:\d+)?", cfg.run.device):
         raise ValueError(f"run.device = {cfg.run.device!r}: must be auto, cpu, cuda, cuda:N, mps or xpu")
     return cfg
