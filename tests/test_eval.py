@@ -378,3 +378,20 @@ def test_a_failing_row_does_not_stop_the_run(model_and_tokenizer, tmp_path, monk
     assert res["overall"]["score"] == 0.75 and res["counts"]["bad_rows"] == 1
     preds = [json.loads(x) for x in (tmp_path / "f.predictions.jsonl").read_text().splitlines()]
     assert [p["prediction"] for p in preds] == ["ok", "ok", "", "ok"] and "out of memory" in preds[2]["error"]
+
+
+def test_tiny_model_reports_tile_as_its_config_says(model_and_tokenizer, tmp_path, monkeypatch):
+    """The reports (`reproduce.evaluate_tsv`: demo, --reproduce) tile each picture up to the model's own
+    max_dynamic_patch, so a model trained on one tile per picture is evaluated on one."""
+    from monovl import reproduce
+    _, model, tokenizer = model_and_tokenizer
+    seen = []
+    monkeypatch.setattr(reproduce, "evaluate", lambda *a, **kw: seen.append(kw["max_tiles"]))
+    old = model.cfg.max_dynamic_patch
+    try:
+        for n in (1, 3):
+            model.cfg.max_dynamic_patch = n
+            reproduce.evaluate_tsv(model, tokenizer, tmp_path / "mc.tsv")
+    finally:
+        model.cfg.max_dynamic_patch = old
+    assert seen == [1, 3]

@@ -77,7 +77,7 @@ def demo(model_dir=None, out_dir="demo_report", *, write=lambda s: None, limit: 
     for item in load_benchmark(world / "bench" / "open.tsv").items[:examples]:
         image = _save_image(out / "examples", item)
         write(f"\n[{image}] Q: {item.question}  (reference: {item.answer})\nA: ")
-        answer = "".join(p for p in _stream(Conversation(model, tokenizer, max_tiles=4), item, write))
+        answer = "".join(p for p in _stream(Conversation(model, tokenizer), item, write))
         write("\n")
         lines.append(f"- `{image.relative_to(out)}`: {item.question} → **{answer.strip()}** "
                      f"(reference: {item.answer})")

@@ -6,7 +6,7 @@ The difference (nats per token) is what the picture tells the model about that k
 guesses those words from the caption's own context. It takes seconds, so it is the first check of a change to
 visual training (the benchmarks need the reading too: "what colour is the star?" needs the star's shape seen).
 
-    python -m monovl.perception --model DIR [--pairs WORLD/s1_2/heldout.jsonl] [--limit 60] [--max-tiles 4]
+    python -m monovl.perception --model DIR [--pairs WORLD/s1_2/heldout.jsonl] [--limit 60] [--max-tiles N]
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def _token_losses(model, tokenizer, image, ids: list[int], max_tiles: int | None
     return -logp[start:start + len(ids)].gather(-1, torch.tensor(ids)[:, None])[:, 0]
 
 
-def image_dependence(model, tokenizer, pairs: Path, *, limit: int = 60, max_tiles: int | None = 4,
+def image_dependence(model, tokenizer, pairs: Path, *, limit: int = 60, max_tiles: int | None = None,
                      shift: int = 7) -> dict[str, WordLoss]:
     """{class: WordLoss} over the first `limit` pairs of a world S1.2 pairs file; the other picture of pair i is
     pair (i + shift) mod n's (`shift` 0: the same picture, so every gap is exactly 0)."""
@@ -124,7 +124,7 @@ def main(argv=None) -> None:
     p.add_argument("--pairs", type=Path, default=Path("data/world/s1_2/heldout.jsonl"),
                    help="a world's S1.2 caption pairs (default: data/world/s1_2/heldout.jsonl)")
     p.add_argument("--limit", type=int, default=60)
-    p.add_argument("--max-tiles", type=int, default=4)
+    p.add_argument("--max-tiles", type=int, help="tiles per picture (default: the model config's max_dynamic_patch)")
     args = p.parse_args(argv)
     if not args.pairs.is_file():
         p.error(f"--pairs {args.pairs}: no such file (make a world with `monovl world OUT_DIR`)")

@@ -55,9 +55,9 @@ def visual_chance() -> float:
 def evaluate_tsv(model, tokenizer, path: Path, out_dir: Path | None = None, *, limit: int | None = None,
                  progress: bool = False) -> dict:
     """`monovl.eval.run.evaluate` on one benchmark TSV with the settings every tiny-model report uses (16 questions
-    at a time, 4 tiles, 16 answer tokens)."""
+    at a time, as many tiles as the model's config allows (`max_dynamic_patch`), 16 answer tokens)."""
     return evaluate(model, tokenizer, path, out_dir=out_dir, limit=limit, progress=progress, batch_size=16,
-                    max_tiles=4, max_new_tokens=16)
+                    max_tiles=model.cfg.max_dynamic_patch, max_new_tokens=16)
 
 
 def evaluate_model(model, tokenizer, bench_dir: Path, out_dir: Path | None = None, *, limit: int | None = None,
