@@ -16,7 +16,7 @@ from PIL import Image
 
 from monovl.world import generate_world, world_texts
 from monovl.world import data as D, recall as R
-from monovl.world.images import COLOURS, IMAGE_SIZES, TILE, render, sample_scene
+from monovl.world.images import COLOURS, IMAGE_SIZES, TILE, render, sample_scene, sample_style
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,22 @@ def test_heldout_images_never_in_training(world):
             if len(row["image"]) > 64:
                 digest = hashlib.sha256(base64.b64decode(row["image"])).hexdigest()
                 assert digest in held and digest not in train
+
+
+def test_single_shape_concepts_name_the_one_shape_drawn(world):
+    rows = _jsonl(world / "s1_1/single.jsonl")
+    manifest = json.loads((world / "world.json").read_text())
+    assert len(rows) == manifest["counts"]["s1_1_single"] == manifest["sizes"]["single"] > 0
+    held = {hashlib.sha256(p.read_bytes()).hexdigest() for p in (world / "images/heldout").glob("*.png")}
+    r = random.Random("monovl-world/0/single")  # the stream it was drawn from: its scenes, again
+    for row in rows:
+        scene = sample_scene(r, max_shapes=1, text_prob=0)
+        sample_style(r)
+        (shape,) = scene.shapes
+        assert row["caption"] == f"A {shape.size} {shape.colour} {shape.kind}." and scene.text is None
+        png = (world / "s1_1" / row["image"]).read_bytes()
+        assert hashlib.sha256(png).hexdigest() not in held
+        assert Image.open(io.BytesIO(png)).size == (scene.width, scene.height)
 
 
 def test_tar_shards_hold_png_and_caption(world):

@@ -4,6 +4,7 @@
 
     images/train/*.png, images/heldout/*.png        rendered scenes (held-out ones never used for training)
     s1_1/pairs.jsonl, s1_1/shards/shard-*.tar      noisy alt-text pairs (S1.1)
+    images/single/*.png, s1_1/single.jsonl          one shape per picture, captioned "A large red star." (S1.1)
     s1_2/pairs.jsonl                                accurate detailed captions (S1.2)
     s1_3/conversations.jsonl (+ meta.json)          task data: colour/shape/count/position/OCR/grounding (S1.3)
     s2/conversations.jsonl, s2/meta.json            multi-turn, multi-image and text-only instructions (S2)
@@ -52,6 +53,7 @@ class WorldScale:
     text: int  # corpus lines
     chat: int  # text-only chat conversations (stage 0)
     reading: int  # reading drills and reading conversations, each (stage 0)
+    single: int  # one-shape pictures with concept captions
     heldout: int  # held-out samples per stage
     bench: int  # rows per visual benchmark
     shard_size: int
@@ -59,15 +61,15 @@ class WorldScale:
 
 SCALES = {
     "small": WorldScale(train_images=24, heldout_images=12, s1_3=40, s2=30, text=80, chat=40, reading=40,
-                        heldout=8, bench=20, shard_size=10),
+                        single=12, heldout=8, bench=20, shard_size=10),
     "default": WorldScale(train_images=3000, heldout_images=300, s1_3=6000, s2=3000, text=8000, chat=4000,
-                          reading=100000, heldout=200, bench=300, shard_size=500),
+                          reading=100000, single=3000, heldout=200, bench=300, shard_size=500),
     # more images and image-text samples (same texts and benchmarks): for long runs that would repeat the default's
     "large": WorldScale(train_images=20000, heldout_images=300, s1_3=60000, s2=20000, text=8000, chat=4000,
-                        reading=100000, heldout=200, bench=300, shard_size=1000),
+                        reading=100000, single=30000, heldout=200, bench=300, shard_size=1000),
     # held-out benchmarks only (no training data): what `monovl demo` evaluates, on a seed the model never saw
-    "eval": WorldScale(train_images=0, heldout_images=300, s1_3=0, s2=0, text=0, chat=0, reading=0, heldout=1,
-                       bench=300, shard_size=500),
+    "eval": WorldScale(train_images=0, heldout_images=300, s1_3=0, s2=0, text=0, chat=0, reading=0, single=0,
+                       heldout=1, bench=300, shard_size=500),
 }
 
 
@@ -211,6 +213,24 @@ def _image_stages(w: _Writer, sc: WorldScale, split: str, scenes: list[Scene], p
                                                for k in range(sc.s2 // 2)))
 
 
+def _single_shapes(w: _Writer, sc: WorldScale, exclude: set[Scene]) -> None:
+    """One shape per picture, varied drawing, no written word, captioned by kind: the concept that a shape's
+    outline names a word, which captions of busy scenes teach a small model slowly (its own random stream)."""
+    r = w.rng("single")
+    scenes, pngs = [], []
+    while len(scenes) < sc.single:
+        scene = sample_scene(r, max_shapes=1, text_prob=0)
+        style = sample_style(r)
+        if scene not in exclude:
+            scenes.append(scene)
+            pngs.append(png_bytes(render(scene, style)))
+    (w.out / "images/single").mkdir(parents=True, exist_ok=True)
+    for i, png in enumerate(pngs):
+        (w.out / "images/single" / f"{i:06d}.png").write_bytes(png)
+    w.jsonl("s1_1_single", "s1_1/single.jsonl",
+            ({"image": _img("single", i), "caption": D.concept_caption(s)} for i, s in enumerate(scenes)))
+
+
 def _meta_files(w: _Writer) -> None:
     """The official meta JSON of S1.3 and S2; root and annotation relative to the meta file."""
     for stage in ("s1_3", "s2"):
@@ -283,6 +303,7 @@ def generate_world(out_dir: str | Path, *, seed: int = 0, scale: str = "default"
     sums, held_sums = D.arithmetic_pairs(w.rng("arithmetic"))
     _image_stages(w, sc, "train", train, train_png, facts, sums)
     _image_stages(w, sc, "heldout", heldout, held_png, facts, held_sums)
+    _single_shapes(w, sc, set(heldout))
     _meta_files(w)
     _text_files(w, sc, facts, sums, held_sums)
     _bench_files(w, sc, heldout, held_png, facts, held_sums)

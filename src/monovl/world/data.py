@@ -58,6 +58,12 @@ def describe(scene: Scene) -> str:
     return text
 
 
+def concept_caption(scene: Scene) -> str:
+    """The caption of a one-shape picture: "A large red star." (S1.1's single-shape concepts)."""
+    shape = scene.shapes[0]
+    return f"A {shape.size} {shape.colour} {shape.kind}."
+
+
 def described(scene: Scene, question: str) -> str:
     """`question` about `scene` asked of a text-only LLM: the picture given as its caption (reading comprehension)."""
     return f"Here is a picture: {describe(scene)}\n{question}"
