@@ -23,7 +23,7 @@ def reproduced(tmp_path_factory):
 
 def test_tiny_presets_share_one_llm():
     tiny, llm = preset("tiny"), preset("tiny-llm")
-    assert tiny.num_image_token == 16 and tiny.vision.image_size == 112
+    assert tiny.num_image_token == 64 and tiny.vision.image_size == 112
     assert llm.vision is None and not llm.llm.visual_ffn_experts
     assert {k: v for k, v in vars(tiny.llm).items() if k != "visual_ffn_experts"} == \
         {k: v for k, v in vars(llm.llm).items() if k != "visual_ffn_experts"}
@@ -100,7 +100,7 @@ def test_shipped_model_is_small_and_in_release_format():
     model, tokenizer = monovl.load(SHIPPED_MODEL)
     assert model.cfg.vision.image_size == 112 and model.cfg.llm.visual_ffn_experts
     assert model.cfg.llm.visual_attention_experts and model.cfg.vision.hidden_size == preset("tiny").vision.hidden_size
-    assert model.cfg.max_dynamic_patch == preset("tiny").max_dynamic_patch == 4  # the tile budget it trained with
+    assert model.cfg.max_dynamic_patch == preset("tiny").max_dynamic_patch == 1  # the tile budget it trained with
     assert model.cfg.image_token_id == tokenizer.img_context_id
     assert json.loads((SHIPPED_MODEL / "config.json").read_text())["architectures"] == ["InternVLChatModel"]
 

@@ -98,15 +98,16 @@ def _debug() -> ModelConfig:
 
 def _tiny() -> ModelConfig:
     """The shipped tiny model: a small InternLM2 with visual FFN experts (its recipes add attention experts when
-    they monolithize it); 112-px tiles, patch 14, pixel shuffle 0.5 → 16 tokens per tile. The patch embedding is
-    wide (768 channels, ~1 M parameters with mlp1): with 64, a 300-step frozen-LLM S1.2 probe learnt half as much
-    from the image (shuffled-image loss gap 0.030 vs 0.063). `vocab_size` is a stand-in: set it from the tokenizer
+    they monolithize it); 112-px tiles, patch 7, pixel shuffle 0.5 → 64 tokens per tile, one tile per picture. With
+    16 tokens per tile (patch 14) its visual path could not learn a shape's kind (README: perception). The patch
+    embedding is wide (768 channels): with 64, a 300-step frozen-LLM S1.2 probe learnt half as much from the image
+    (shuffled-image loss gap 0.030 vs 0.063). `vocab_size` is a stand-in: set it from the tokenizer
     (`preset("tiny", vocab_size=…)`)."""
     return ModelConfig(
         llm=LLMConfig(vocab_size=1024, hidden_size=192, num_hidden_layers=4, num_attention_heads=6,
                       num_key_value_heads=2, intermediate_size=512, rope_theta=10000.0, max_position_embeddings=2048),
-        vision=VisionConfig(image_size=112, patch_size=14, hidden_size=768),
-        max_dynamic_patch=4,
+        vision=VisionConfig(image_size=112, patch_size=7, hidden_size=768),
+        max_dynamic_patch=1,
     )
 
 
