@@ -16,8 +16,8 @@ def shipped():
     return monovl.load()
 
 
-def _answers(model, tokenizer, reuse: bool, turns=TURNS):
-    conv = monovl.Conversation(model, tokenizer, reuse_prefix=reuse)
+def _answers(model, tokenizer, reuse: bool, turns=TURNS, max_tiles=None):
+    conv = monovl.Conversation(model, tokenizer, reuse_prefix=reuse, max_tiles=max_tiles)
     answers, reused = [], []
     for question, images in turns:
         before = len(conv._cached_ids)
@@ -38,7 +38,7 @@ def test_conversation_reuses_earlier_turns_and_answers_the_same(shipped):
 
 def test_a_prefix_that_ends_inside_an_image_tile_backs_off_to_the_tile_start(shipped):
     model, tokenizer = shipped
-    conv = monovl.Conversation(model, tokenizer)
+    conv = monovl.Conversation(model, tokenizer, max_tiles=4)  # the shipped model's own budget is one tile
     conv.ask(*TURNS[0], max_new_tokens=8)
     visual = (conv._cached_ids == model.cfg.image_token_id).nonzero().squeeze(1)
     per_tile = model.cfg.num_image_token
@@ -46,7 +46,7 @@ def test_a_prefix_that_ends_inside_an_image_tile_backs_off_to_the_tile_start(shi
     conv._cached_ids = conv._cached_ids[:cut]  # as if the cache held only that much
     second = conv.ask(*TURNS[1], max_new_tokens=24)
     assert conv.last_reused == int(visual[per_tile])  # the first token of the second tile
-    assert second == _answers(model, tokenizer, reuse=False, turns=TURNS[:2])[0][1]
+    assert second == _answers(model, tokenizer, reuse=False, turns=TURNS[:2], max_tiles=4)[0][1]
 
 
 def test_an_interrupted_answer_leaves_a_usable_cache(shipped):

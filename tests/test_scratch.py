@@ -12,12 +12,13 @@ def _std(model, suffix: str) -> float:
 
 
 def test_width_aware_initialisation_scales_with_fan_in():
-    model = new_model(preset("tiny", vocab_size=1033), seed=3)
+    cfg = preset("tiny", vocab_size=1033)
+    model = new_model(cfg, seed=3)
     lm = "language_model.model."
     assert abs(_std(model, lm + "tok_embeddings.weight") - 1.0) < 0.02  # token embeddings N(0, 1)
     for name, fan_in in ((lm + "layers.0.attention.wqkv.weight", 192), (lm + "layers.1.feed_forward.w2.weight", 512),
                          ("language_model.output.weight", 192), ("mlp1.1.weight", 4 * 768),
-                         ("vision_model.embeddings.patch_embedding.weight", 3 * 14 * 14)):
+                         ("vision_model.embeddings.patch_embedding.weight", 3 * cfg.vision.patch_size ** 2)):
         assert abs(_std(model, name) * math.sqrt(3 * fan_in) - 1.0) < 0.05, name
     assert abs(_std(model, "vision_model.embeddings.position_embedding") - 0.02) < 0.002
     params = dict(model.named_parameters())
