@@ -1,5 +1,7 @@
 """`monovl.train.loss`: logits only where a label is, equal to the full-logits loss (and its gradients) to fp32
 rounding, for packed and unpacked rows, with and without images; the chunked variant too."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -132,3 +134,14 @@ def test_shapes_bench_and_profile_measure_each_path():
              "head (final norm, output; labelled rows)", "RMSNorms in the layers", "step"}
     assert set(times) == parts and all(t > 0 for t in times.values())
     assert sum(v for k, v in times.items() if k not in ("step", "optimizer (AdamW)")) < times["step"]
+
+
+def test_ffn_bench_times_dense_routed_and_one_ffn(capsys):
+    from monovl.train.memory import main
+
+    assert main(["--ffn", "--preset", "debug", "--seq-len", "16", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("debug FFN (64 → 128), 16 tokens, half visual")
+    times = {m[0]: float(m[1]) for m in re.findall(r"^  (dense|routed|one FFN) +([\d.e-]+) s$", out, re.M)}
+    assert set(times) == {"dense", "routed", "one FFN"} and all(t > 0 for t in times.values())
+    assert re.search(r"routed is [\d.]+x dense and runs at \d+% of one FFN's rate", out)

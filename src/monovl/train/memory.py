@@ -7,7 +7,8 @@ the same model, each in a fresh subprocess so peak memories do not mix.
 S1.1 shape (1 tile + a 32-token caption) and the S2 shape (1 tile + 256 text tokens, a 64-token answer), with
 logits at every position (the dense blend of both experts, as the official code; or routed experts) and with
 logits only where a label is (`monovl.train.loss`), and the share of the head in each; `--profile` splits one
-S2-shaped step (with AdamW) by part of the model.
+S2-shaped step (with AdamW) by part of the model; `--ffn` times one layer's FFN experts dense, routed, and as one
+FFN on every token (the rate routing could reach).
 
 Peak memory is `torch.cuda.max_memory_allocated` on GPU; on CPU the process's peak resident set minus its
 resident set just before the model was built (so the interpreter and torch itself do not count).
@@ -87,12 +88,14 @@ def main(argv=None) -> int:
     p.add_argument("--loss-path-only", action="store_true",
                    help="--shapes: measure the loss path alone (seconds, peak memory), not the whole steps")
     p.add_argument("--profile", action="store_true", help="the split of one S2-shaped step by part of the model")
+    p.add_argument("--ffn", action="store_true", help="one layer's FFN experts: dense, routed, one FFN on all tokens")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.shapes or args.profile:
+    if args.shapes or args.profile or args.ffn:
         from monovl.train import memory_shapes
 
-        return memory_shapes.main(args) if args.shapes else memory_shapes.profile_main(args)
+        return (memory_shapes.main if args.shapes else memory_shapes.profile_main if args.profile
+                else memory_shapes.ffn_main)(args)
     if args.child:
         print(json.dumps(measure(args.child, args.preset, args.layers, args.batch, args.seq_len, args.steps,
                                  args.device, args.ac)))

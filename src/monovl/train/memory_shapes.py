@@ -197,6 +197,38 @@ def profile_main(args) -> int:
     return 0
 
 
+def ffn_main(args) -> int:
+    """`--ffn`: one layer's FFN experts, forward + backward with weight gradients, on `--seq-len` tokens of which
+    half are visual, three ways: `dense` (both experts on every token, then the mask picks), `routed` (each token
+    through its own expert, as the trainer runs it off CUDA) and `one FFN` on every token (routing's multiply-adds
+    as a single GEMM per weight: the rate `routed` could reach). Minimum over `--steps` alternating rounds."""
+    from monovl.model.decoder import FeedForward, MLP, Routing
+
+    llm = _config(args.preset, 1).llm
+    torch.manual_seed(0)
+    text, visual = ((FeedForward if llm.family == "internlm2" else MLP)(llm) for _ in range(2))
+    x = torch.randn(1, args.seq_len, llm.hidden_size, requires_grad=True)
+    mask = torch.zeros(1, args.seq_len, dtype=torch.bool)
+    mask[:, 1:1 + args.seq_len // 2] = True  # <s>, then the image's tokens, then text
+    ways = {"dense": lambda: Routing.build(mask, dense=True)(x, text.ffn, visual.ffn),
+            "routed": lambda: Routing.build(mask)(x, text.ffn, visual.ffn), "one FFN": lambda: text.ffn(x)}
+    best = dict.fromkeys(ways, float("inf"))
+    for round_ in range(args.steps + 1):  # round 0 warms up
+        for name, way in ways.items():
+            start = time.perf_counter()
+            way().sum().backward()
+            if round_:
+                best[name] = min(best[name], time.perf_counter() - start)
+    print(f"{args.preset} FFN ({llm.hidden_size} → {llm.intermediate_size}), {args.seq_len} tokens, half visual, "
+          f"fp32, {torch.get_num_threads()} threads, forward + backward, best of {args.steps}")
+    for name, sec in best.items():
+        print(f"  {name:8s} {sec:9.4g} s")
+    print(f"  routed is {best['dense'] / best['routed']:.2f}x dense and runs at "
+          f"{best['one FFN'] / best['routed']:.0%} of one FFN's rate (dense / one FFN: "
+          f"{best['dense'] / best['one FFN']:.2f}x, the bound)")
+    return 0
+
+
 def _child(args, kind: str, shape: str, path: str) -> dict:
     """One measurement in a fresh process. glibc's malloc is given a fixed mmap threshold there: with its default
     (raised each time a large buffer is freed) freed logits stay in the heap and the peak RSS would measure the
