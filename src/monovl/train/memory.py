@@ -94,8 +94,9 @@ def main(argv=None) -> int:
     if args.shapes or args.profile or args.ffn:
         from monovl.train import memory_shapes
 
-        return (memory_shapes.main if args.shapes else memory_shapes.profile_main if args.profile
-                else memory_shapes.ffn_main)(args)
+        if args.shapes:
+            return memory_shapes.main(args)
+        return memory_shapes.profile_main(args) if args.profile else memory_shapes.ffn_main(args)
     if args.child:
         print(json.dumps(measure(args.child, args.preset, args.layers, args.batch, args.seq_len, args.steps,
                                  args.device, args.ac)))

@@ -14,6 +14,7 @@ logits, their gradient and the cross-entropy's buffers.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import json
 import os
@@ -202,11 +203,11 @@ def ffn_main(args) -> int:
     half are visual, three ways: `dense` (both experts on every token, then the mask picks), `routed` (each token
     through its own expert, as the trainer runs it off CUDA) and `one FFN` on every token (routing's multiply-adds
     as a single GEMM per weight: the rate `routed` could reach). Minimum over `--steps` alternating rounds."""
-    from monovl.model.decoder import FeedForward, MLP, Routing
+    from monovl.model.decoder import DecoderLayer, Routing
 
-    llm = _config(args.preset, 1).llm
+    llm = dataclasses.replace(_config(args.preset, 1).llm, visual_ffn_experts=True, visual_attention_experts=False)
     torch.manual_seed(0)
-    text, visual = ((FeedForward if llm.family == "internlm2" else MLP)(llm) for _ in range(2))
+    *_, text, visual = DecoderLayer(llm, 0).parts()  # the family's FFN and its visual expert
     x = torch.randn(1, args.seq_len, llm.hidden_size, requires_grad=True)
     mask = torch.zeros(1, args.seq_len, dtype=torch.bool)
     mask[:, 1:1 + args.seq_len // 2] = True  # <s>, then the image's tokens, then text
