@@ -145,3 +145,14 @@ def test_ffn_bench_times_dense_routed_and_one_ffn(capsys):
     times = {m[0]: float(m[1]) for m in re.findall(r"^  (dense|routed|one FFN) +([\d.e-]+) s$", out, re.M)}
     assert set(times) == {"dense", "routed", "one FFN"} and all(t > 0 for t in times.values())
     assert re.search(r"routed is [\d.]+x dense and runs at \d+% of one FFN's rate", out)
+
+
+def test_train_bench_is_the_shapes_benchmark(monkeypatch):
+    from monovl.train import bench, memory_shapes
+
+    seen = {}
+    monkeypatch.setattr(memory_shapes, "main", lambda args: seen.update(vars(args)) or 0)
+    assert bench.main(["--stage", "s1.1", "--shape", "s1.1", "--layers", "8"]) == 0
+    assert seen["shapes"] and (seen["stage"], seen["shape"], seen["layers"]) == ("s1.1", "s1.1", 8)
+    with pytest.raises(SystemExit, match="use python -m monovl.train.memory"):
+        bench.main(["--profile"])
