@@ -156,3 +156,49 @@ def test_train_bench_is_the_shapes_benchmark(monkeypatch):
     assert seen["shapes"] and (seen["stage"], seen["shape"], seen["layers"]) == ("s1.1", "s1.1", 8)
     with pytest.raises(SystemExit, match="use python -m monovl.train.memory"):
         bench.main(["--profile"])
+
+
+STAND_IN = '''
+import torch
+from torch import nn
+
+
+class InternVLChatConfig:
+    def __init__(self, llm_config, vision_config, **kw):
+        self.llm_config, self.vision_config = llm_config, vision_config
+
+
+class InternVLChatModel(nn.Module):
+    """Stands in for the official class: the names the freeze patterns meet, a loss over the given labels."""
+    def __init__(self, config):
+        super().__init__()
+        d = config.llm_config["hidden_size"]
+        self.vision_model = nn.Linear(d, d)
+        self.language_model = nn.ModuleDict({"feed_forward": nn.Linear(d, d), "feed_forward_ve": nn.Linear(d, d)})
+        self.img_context_token_id = None
+
+    def forward(self, pixel_values, input_ids, attention_mask, image_flags, labels):
+        assert attention_mask.shape == input_ids.shape and image_flags.shape == (1, 1)
+        n_img = int((input_ids == self.img_context_token_id).sum())
+        x = torch.ones(n_img, self.vision_model.in_features)
+        h = self.language_model["feed_forward_ve"](self.vision_model(x)) + self.language_model["feed_forward"](x)
+        return type("Out", (), {"loss": h.sum() * (labels != -100).sum()})()
+'''
+
+
+def test_bench_times_the_official_code_on_the_same_batch_and_freeze(tmp_path):
+    import argparse
+    import sys
+
+    from monovl.train.memory_shapes import _config, _official
+
+    (tmp_path / "internvl/model/internvl_chat").mkdir(parents=True)
+    (tmp_path / "internvl/model/internvl_chat/__init__.py").write_text(STAND_IN)
+    args = argparse.Namespace(preset="debug", layers=1, stage="s1.1", steps=1, official_code=str(tmp_path),
+                              official_python=sys.executable)
+    r = _official(args, "s1.1")
+    d = _config("debug", 1).llm.hidden_size
+    assert r["step_s"] > 0 and r["tokens"] == 1 + _config("debug", 1).num_image_token + 32
+    assert r["trainable"] == 2 * (d * d + d)  # vision_model.* and *.feed_forward_ve.* train in S1.1; not the rest
+    with pytest.raises(SystemExit, match="the official model code's step failed"):
+        _official(argparse.Namespace(**{**vars(args), "official_code": str(tmp_path / "nothing")}), "s1.1")

@@ -87,6 +87,10 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="both", choices=["s1.1", "s2", "both"], help="--shapes: which sample shape")
     p.add_argument("--loss-path-only", action="store_true",
                    help="--shapes: measure the loss path alone (seconds, peak memory), not the whole steps")
+    p.add_argument("--official-code", help="--shapes: also time the official model code's step: the folder that "
+                   "holds its `internvl` package")
+    p.add_argument("--official-python", default=sys.executable,
+                   help="--shapes: the interpreter for the official code (its pinned transformers, peft, timm)")
     p.add_argument("--profile", action="store_true", help="the split of one S2-shaped step by part of the model")
     p.add_argument("--ffn", action="store_true", help="one layer's FFN experts: dense, routed, one FFN on all tokens")
     p.add_argument("--child", help=argparse.SUPPRESS)

@@ -5,7 +5,10 @@ backward) on two sample shapes, three ways, each in a fresh subprocess so peak m
   official model code computes; monovl's `dense=True`),
 - `full`: routed experts, logits at every position (monovl's loss before `head_loss`),
 - `labelled`: `monovl.train.loss`, logits only where a label is,
-- `chunked`: the same with `loss_chunk = 16` (at most 16 rows of logits at a time, recomputed in the backward).
+- `chunked`: the same with `loss_chunk = 16` (at most 16 rows of logits at a time, recomputed in the backward);
+- with `--official-code DIR`, also `official`: the official model code's `InternVLChatModel.forward(...,
+  labels=...)` + `backward()` on the same geometry, batch and freeze (`official_step.py`, run by
+  `--official-python`, an interpreter with the official code's pinned dependencies).
 
 The head's share is the time of the loss path alone (final norm, head, cross-entropy, their backward) on the
 same shape, measured in its own subprocess, over the step time; its peak is that subprocess's peak memory
@@ -21,8 +24,10 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -241,12 +246,36 @@ def _child(args, kind: str, shape: str, path: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _official(args, shape: str) -> dict:
+    """The official model code's step on the same geometry, batch and freeze, in `--official-python`."""
+    from monovl.config import to_hf_config
+    from monovl.train.freeze import STAGES
+
+    cfg = _config(args.preset, args.layers)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [Path(tmp) / name for name in ("config.json", "batch.pt", "patterns.json")]
+        files[0].write_text(json.dumps(to_hf_config(cfg) | {"img_context_token_id": cfg.image_token_id}))
+        torch.save(shape_batch(cfg, shape), files[1])
+        files[2].write_text(json.dumps(STAGES[args.stage]))
+        cmd = [args.official_python, str(Path(__file__).with_name("official_step.py")), args.official_code,
+               *map(str, files), str(args.steps)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"the official model code's step failed ({' '.join(cmd[:3])}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(args) -> int:
-    """Every (shape, path) step and loss path in a fresh process; a table with ratios to the `dense` path."""
+    """Every (shape, path) step and loss path in a fresh process; a table with ratios to the `dense` path (and to
+    the official code's step with `--official-code`)."""
     print(f"{args.preset}, {args.layers} layers, stage {args.stage}, fp32, {torch.get_num_threads()} threads, "
           f"forward + loss + backward, mean of {args.steps} step(s) after a warm-up")
     for shape in SHAPES if args.shape == "both" else [args.shape]:
         rows = {}
+        official = _official(args, shape) if args.official_code else None
+        if official:
+            print(f"{shape:5s} official  {official['tokens'] / official['step_s']:8.1f} tokens/s "
+                  f"({official['step_s']:6.2f} s/step; the official model code)", flush=True)
         for path in PATHS:
             if args.loss_path_only and path == "dense":
                 continue  # its loss path is the full one
@@ -258,7 +287,8 @@ def main(args) -> int:
             r |= _child(args, "step", shape, path)
             print(f"{shape:5s} {path:9s} {r['tokens'] / r['step_s']:8.1f} tokens/s ({r['step_s']:6.2f} s/step, "
                   f"{rows['dense']['step_s'] / r['step_s']:4.2f}x dense) | peak {r['peak_bytes'] / 2**30:6.2f} GiB | "
-                  f"{loss_path} = {r['head_s'] / r['step_s']:5.1%} of the step", flush=True)
+                  f"{loss_path} = {r['head_s'] / r['step_s']:5.1%} of the step"
+                  + (f" | {official['step_s'] / r['step_s']:4.2f}x official" if official else ""), flush=True)
         for path in LOSS_CHUNK:
             ratio = rows[path]["head_peak_bytes"] / rows["full"]["head_peak_bytes"]
             print(f"{shape:5s} loss-path peak memory, {path} / full: {ratio:.3f}", flush=True)
