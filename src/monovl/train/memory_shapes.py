@@ -235,14 +235,16 @@ def ffn_main(args) -> int:
     return 0
 
 
+_MALLOC_ENV = os.environ | {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}  # every subprocess, the official one too
+
+
 def _child(args, kind: str, shape: str, path: str) -> dict:
     """One measurement in a fresh process. glibc's malloc is given a fixed mmap threshold there: with its default
     (raised each time a large buffer is freed) freed logits stay in the heap and the peak RSS would measure the
     allocator's history rather than the memory the path holds."""
     cmd = [sys.executable, "-m", "monovl.train.memory_shapes", kind, shape, path, args.preset, str(args.layers),
            args.stage, str(args.steps)]
-    env = os.environ | {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=_MALLOC_ENV)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -259,7 +261,7 @@ def _official(args, shape: str) -> dict:
         files[2].write_text(json.dumps(STAGES[args.stage]))
         cmd = [args.official_python, str(Path(__file__).with_name("official_step.py")), args.official_code,
                *map(str, files), str(args.steps)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=_MALLOC_ENV)  # same allocator
     if out.returncode != 0:
         raise SystemExit(f"the official model code's step failed ({' '.join(cmd[:3])}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
