@@ -87,6 +87,26 @@ def test_single_shape_concepts_name_the_one_shape_drawn(world):
         assert Image.open(io.BytesIO(png)).size == (scene.width, scene.height)
 
 
+def test_word_pictures_caption_the_written_word_only(world):
+    rows = _jsonl(world / "s1_1/words.jsonl")
+    manifest = json.loads((world / "world.json").read_text())
+    assert len(rows) == manifest["counts"]["s1_1_words"] == manifest["sizes"]["single"] > 0
+    held = {hashlib.sha256(p.read_bytes()).hexdigest() for p in (world / "images/heldout").glob("*.png")}
+    r, scenes = random.Random("monovl-world/0/words"), []
+    while len(scenes) < len(rows):
+        scene = sample_scene(r, max_shapes=1, text_prob=1)
+        style = sample_style(r)
+        if scene.text is not None:
+            scenes.append((scene, style))
+    for row, (scene, style) in zip(rows, scenes):
+        what = "number" if scene.text.isdigit() else "word"
+        where = f"at the {scene.text_position} in {scene.text_colour}"
+        assert row["caption"] == f'The {what} "{scene.text}" is written {where}.'
+        png = (world / "s1_1" / row["image"]).read_bytes()
+        assert hashlib.sha256(png).hexdigest() not in held
+        assert Image.open(io.BytesIO(png)).tobytes() == render(scene, style).tobytes()
+
+
 def test_tar_shards_hold_png_and_caption(world):
     pairs = _jsonl(world / "s1_1/pairs.jsonl")
     shards = sorted((world / "s1_1/shards").glob("shard-*.tar"))

@@ -5,6 +5,7 @@
     images/train/*.png, images/heldout/*.png        rendered scenes (held-out ones never used for training)
     s1_1/pairs.jsonl, s1_1/shards/shard-*.tar      noisy alt-text pairs (S1.1)
     images/single/*.png, s1_1/single.jsonl          one shape per picture, captioned "A large red star." (S1.1)
+    images/words/*.png, s1_1/words.jsonl            one written word or number (and one shape), captioned by it
     s1_2/pairs.jsonl                                accurate detailed captions (S1.2)
     s1_3/conversations.jsonl (+ meta.json)          task data: colour/shape/count/position/OCR/grounding (S1.3)
     s2/conversations.jsonl, s2/meta.json            multi-turn, multi-image and text-only instructions (S2)
@@ -53,7 +54,7 @@ class WorldScale:
     text: int  # corpus lines
     chat: int  # text-only chat conversations (stage 0)
     reading: int  # reading drills and reading conversations, each (stage 0)
-    single: int  # one-shape pictures with concept captions
+    single: int  # one-shape pictures with concept captions, and as many one-word pictures
     heldout: int  # held-out samples per stage
     bench: int  # rows per visual benchmark
     shard_size: int
@@ -213,22 +214,24 @@ def _image_stages(w: _Writer, sc: WorldScale, split: str, scenes: list[Scene], p
                                                for k in range(sc.s2 // 2)))
 
 
-def _single_shapes(w: _Writer, sc: WorldScale, exclude: set[Scene]) -> None:
-    """One shape per picture, varied drawing, no written word, captioned by kind: the concept that a shape's
-    outline names a word, which captions of busy scenes teach a small model slowly (its own random stream)."""
-    r = w.rng("single")
+def _one_subject(w: _Writer, sc: WorldScale, exclude: set[Scene], name: str) -> None:
+    """Pictures of one subject, varied drawing, each in its own random stream: "single", one shape and no written
+    word, captioned by kind (the concept that an outline names a word, which captions of busy scenes teach a small
+    model slowly); "words", a written word or number beside one shape, captioned by the word's sentence only."""
+    r = w.rng(name)
     scenes, pngs = [], []
     while len(scenes) < sc.single:
-        scene = sample_scene(r, max_shapes=1, text_prob=0)
+        scene = sample_scene(r, max_shapes=1, text_prob=0 if name == "single" else 1)
         style = sample_style(r)
-        if scene not in exclude:
+        if scene not in exclude and (name == "single" or scene.text is not None):
             scenes.append(scene)
             pngs.append(png_bytes(render(scene, style)))
-    (w.out / "images/single").mkdir(parents=True, exist_ok=True)
+    (w.out / "images" / name).mkdir(parents=True, exist_ok=True)
     for i, png in enumerate(pngs):
-        (w.out / "images/single" / f"{i:06d}.png").write_bytes(png)
-    w.jsonl("s1_1_single", "s1_1/single.jsonl",
-            ({"image": _img("single", i), "caption": D.concept_caption(s)} for i, s in enumerate(scenes)))
+        (w.out / "images" / name / f"{i:06d}.png").write_bytes(png)
+    caption = D.concept_caption if name == "single" else D.written_caption
+    w.jsonl(f"s1_1_{name}", f"s1_1/{name}.jsonl",
+            ({"image": _img(name, i), "caption": caption(s)} for i, s in enumerate(scenes)))
 
 
 def _meta_files(w: _Writer) -> None:
@@ -303,7 +306,8 @@ def generate_world(out_dir: str | Path, *, seed: int = 0, scale: str = "default"
     sums, held_sums = D.arithmetic_pairs(w.rng("arithmetic"))
     _image_stages(w, sc, "train", train, train_png, facts, sums)
     _image_stages(w, sc, "heldout", heldout, held_png, facts, held_sums)
-    _single_shapes(w, sc, set(heldout))
+    _one_subject(w, sc, set(heldout), "single")
+    _one_subject(w, sc, set(heldout), "words")
     _meta_files(w)
     _text_files(w, sc, facts, sums, held_sums)
     _bench_files(w, sc, heldout, held_png, facts, held_sums)

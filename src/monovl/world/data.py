@@ -53,9 +53,14 @@ def describe(scene: Scene) -> str:
     text = f"A {shape} picture with a {scene.pattern} {scene.background} background. "
     text += f"There {'is' if n == 1 else 'are'} {NUMBER_WORDS[n]} shape{'s' * (n > 1)}: {_join(parts)}."
     if scene.text is not None:
-        what = "number" if scene.text.isdigit() else "word"
-        text += f' The {what} "{scene.text}" is written at the {scene.text_position} in {scene.text_colour}.'
+        text += " " + written_caption(scene)
     return text
+
+
+def written_caption(scene: Scene) -> str:
+    """The sentence about a picture's written word or number: 'The word "star" is written at the top in red.'"""
+    what = "number" if scene.text.isdigit() else "word"
+    return f'The {what} "{scene.text}" is written at the {scene.text_position} in {scene.text_colour}.'
 
 
 def concept_caption(scene: Scene) -> str:
