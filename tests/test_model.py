@@ -187,5 +187,16 @@ def test_packed_samples_equal_separate_forwards(fixture, request):
     packed = torch.cat([a, b])[None]
     pos = torch.cat([torch.arange(len(a)), torch.arange(len(b))])[None]
     out = model(packed, pv, input_pos=pos)
-    torch.testing.assert_close(out[0, : len(a)], model(a[None], pv)[0], rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(out[0, len(a):], model(b[None])[0], rtol=1e-10, atol=1e-10)
+    sep_a, sep_b = model(a[None], pv)[0], model(b[None])[0]
+    torch.testing.assert_close(out[0, : len(a)], sep_a, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out[0, len(a):], sep_b, rtol=1e-10, atol=1e-10)
+    # and the gradients: each packed sample attends within itself in the backward pass too
+    w = torch.randn(out.shape[1:], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    params = [p for p in model.parameters()]
+    packed_grads = torch.autograd.grad((out[0] * w).sum(), params, allow_unused=True)
+    sep_grads = torch.autograd.grad((sep_a * w[: len(a)]).sum() + (sep_b * w[len(a):]).sum(), params,
+                                    allow_unused=True)
+    for g_packed, g_sep in zip(packed_grads, sep_grads):
+        assert (g_packed is None) == (g_sep is None)
+        if g_packed is not None:
+            torch.testing.assert_close(g_packed, g_sep, rtol=1e-10, atol=1e-10)

@@ -85,6 +85,20 @@ def test_loss_equals_full_logits_loss_and_gradients(packed, images, attention_ex
             torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("images", [False, True], ids=["text", "images"])
+def test_every_trainable_expert_gets_a_gradient_in_every_step(images):
+    """An expert without tokens in a batch (the visual ones on text, the last layer's on the unlabelled image
+    positions) gets a zero gradient, not none: FSDP's processes then reduce the same tensors whatever their batch."""
+    model = _model(attention_experts=True)
+    _, grads = _loss_and_grads(model, lambda: monovl.train.loss(model, _batch(packed=True, images=images)))
+    routed = {n for n, p in model.language_model.named_parameters() if p.requires_grad}
+    assert {n.removeprefix("language_model.") for n in grads} >= routed
+    last = f"model.layers.{model.cfg.llm.num_hidden_layers - 1}."
+    for name in routed:
+        if "_ve." in name and (not images or name.startswith(last + "feed_forward_ve")):
+            assert not grads["language_model." + name].any(), name
+
+
 def _head_rows(model, fn) -> list[int]:
     rows = []
     handle = model.language_model.head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))

@@ -1,4 +1,5 @@
-from monovl.model.decoder import KVCache, Routing
+from monovl.model.kv_cache import KVCache
 from monovl.model.mono import MonoInternVL
+from monovl.model.routing import Routing
 
 __all__ = ["KVCache", "MonoInternVL", "Routing"]

@@ -8,11 +8,14 @@ Mono-InternVL adds, per layer, a visual FFN expert (`feed_forward_ve` / `mlp_ve`
 text weights. The text module does the routing (`Attention`, `GatedFFN`), called with its `_ve` twin. `Routing` is
 computed once per forward and each token goes through exactly one expert (gather → expert → scatter);
 `dense=True` reproduces the official blend (both experts on every token, mixed by the mask) for benchmarks and tests.
+With training labels, the last layer runs its queries, output projection and FFN only where a label is predicted
+(`DecoderLayer.forward` with `rows`): no other position of its output reaches the loss.
 """
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +23,9 @@ from torch import nn
 
 from monovl.config import LLMConfig
 from monovl.model import fused_experts
-from monovl.model.head_loss import head_loss
+from monovl.model.head_loss import labelled_rows, rows_loss
+from monovl.model.kv_cache import KVCache
+from monovl.model.routing import Routing
 from monovl.model.rope import apply_rope, rope_cos_sin
 
 
@@ -34,54 +39,6 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
-
-
-@dataclass
-class Routing:
-    """Which tokens are visual, computed once per forward and reused by every layer."""
-    visual_mask: torch.Tensor  # (B, T) bool
-    vis_idx: torch.Tensor | None  # flat indices of visual tokens; None when there are none
-    txt_idx: torch.Tensor | None  # flat indices of text tokens; None when there are none
-    dense: bool = False
-
-    @classmethod
-    def build(cls, visual_mask: torch.Tensor, dense: bool = False) -> "Routing":
-        flat = visual_mask.reshape(-1)
-        num_visual = int(flat.sum())  # the only host sync of the routing, once per forward
-        vis = flat.nonzero().squeeze(1) if num_visual else None
-        txt = (~flat).nonzero().squeeze(1) if num_visual < flat.numel() else None
-        return cls(visual_mask, vis, txt, dense)
-
-    def __call__(self, x: torch.Tensor, text_fn, visual_fn) -> torch.Tensor:
-        """Apply `text_fn` to text tokens and `visual_fn` to visual tokens of x (B, T, Din) → (B, T, Dout)."""
-        if visual_fn is None or self.vis_idx is None:
-            return text_fn(x)  # text-only fast path
-        if self.dense:
-            return torch.where(self.visual_mask[..., None], visual_fn(x), text_fn(x))
-        if self.txt_idx is None:
-            return visual_fn(x)
-        b, t, _ = x.shape
-        flat = x.reshape(b * t, -1)  # (B*T, Din)
-        y_txt = text_fn(flat.index_select(0, self.txt_idx))  # (Nt, Dout)
-        y_vis = visual_fn(flat.index_select(0, self.vis_idx))  # (Nv, Dout)
-        out = y_txt.new_empty(b * t, y_txt.shape[-1])
-        out.index_copy_(0, self.txt_idx, y_txt).index_copy_(0, self.vis_idx, y_vis)
-        return out.view(b, t, -1)  # (B, T, Dout)
-
-    @property
-    def mixed(self) -> bool:
-        """Text and visual tokens both present, each to its own expert (not the dense blend)."""
-        return self.vis_idx is not None and self.txt_idx is not None and not self.dense
-
-    def grouped(self, x: torch.Tensor, fn) -> torch.Tensor:
-        """Like calling it, for `fn(text rows, visual rows)` → both outputs grouped (Nt + Nv, D) in one call."""
-        b, t, _ = x.shape
-        flat = x.reshape(b * t, -1)  # (B*T, D)
-        y = fn(flat.index_select(0, self.txt_idx), flat.index_select(0, self.vis_idx))  # (Nt + Nv, D)
-        out = torch.empty_like(y)
-        nt = len(self.txt_idx)
-        out.index_copy_(0, self.txt_idx, y[:nt]).index_copy_(0, self.vis_idx, y[nt:])
-        return out.view(b, t, -1)
 
 
 @dataclass(frozen=True)
@@ -105,29 +62,6 @@ def layout(cfg: LLMConfig) -> Layout:
     return LAYOUTS["internlm2" if cfg.family == "internlm2" else "hf"]
 
 
-class KVCache:
-    """Static, pre-allocated keys and values for every layer: (L, B, n_kv, S, Dh) each."""
-
-    def __init__(self, cfg: LLMConfig, batch: int, max_len: int, dtype, device=None):
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
-    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int,
-               rows: torch.Tensor | None = None):
-        """Write k, v (B, n_kv, T, Dh) at positions (B, T) of cache rows `rows` (B,) (default: rows 0..B-1);
-        return those rows' first kv_len cached positions (B, n_kv, kv_len, Dh)."""
-        at = torch.arange(k.shape[0], device=k.device) if rows is None else rows
-        self.k[layer][at[:, None], :, input_pos] = k.transpose(1, 2)  # in place; indexed view (B, T, n_kv, Dh)
-        self.v[layer][at[:, None], :, input_pos] = v.transpose(1, 2)
-        k, v = self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]  # every row: a view, no copy
-        return (k, v) if rows is None else (k.index_select(0, rows), v.index_select(0, rows))
-
-
 @dataclass
 class ForwardContext:
     """What every layer of one forward shares."""
@@ -139,6 +73,7 @@ class ForwardContext:
     mask: torch.Tensor | None  # (B, 1, T, kv_len) bool; None = plain causal
     cache: KVCache | None
     cache_rows: torch.Tensor | None = None  # (B,) cache rows of the batch rows; None = 0..B-1
+    segments: list[list[int]] | None = None  # packed samples: the lengths of each row's samples, in order
 
 
 class GatedFFN(nn.Module):
@@ -203,19 +138,56 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, visual: Attention | None = None) -> torch.Tensor:
         """x (B, T, D) → (B, T, D)."""
-        c, (b, t, _) = self.cfg, x.shape
+        q, k, v = self._project(x, ctx, visual)
+        o = self._attend(q, k, v, ctx.mask, ctx.segments)  # (B, T, H*Dh)
+        return ctx.routing(o, self.out, visual.out if visual is not None else None)
+
+    def at_rows(self, x: torch.Tensor, ctx: ForwardContext, visual: Attention | None, rows: torch.Tensor,
+                routing: Routing) -> torch.Tensor:
+        """The output at the flat positions `rows` (N,) only → (N, D): keys and values from every position, queries
+        and the output projection at `rows` (without a cache; `routing` is that of the rows)."""
+        q, k, v = self._project(x, ctx, visual)  # (B, H, T, Dh), (B, H, T, Dh) × 2
+        (b, h, t, dh), batch_row = q.shape, rows // x.shape[1]
+        n_b = torch.bincount(batch_row, minlength=b)  # queries per batch row
+        slot = torch.arange(len(rows), device=rows.device) - (n_b.cumsum(0) - n_b)[batch_row]
+        pos = torch.zeros(b, int(n_b.max()), dtype=torch.long, device=rows.device)  # (B, n): padded with 0
+        pos[batch_row, slot] = rows % t
+        valid = torch.zeros_like(pos, dtype=torch.bool)
+        valid[batch_row, slot] = True
+        q = q.gather(2, pos[:, None, :, None].expand(-1, h, -1, dh))  # (B, H, n, Dh)
+        if ctx.mask is None:
+            mask = torch.arange(t, device=rows.device)[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, n, T)
+        else:
+            mask = ctx.mask.gather(2, pos[:, None, :, None].expand(-1, -1, -1, ctx.mask.shape[-1]))
+        o = self._attend(q, k, v, mask)[valid]  # (N, H*Dh), in the order of rows
+        return routing(o[None], self.out, visual.out if visual is not None else None)[0]
+
+    def _project(self, x: torch.Tensor, ctx: ForwardContext, visual: Attention | None):
+        """Queries, keys and values, rotated, cached, kv heads repeated: (B, H, T, Dh), (B, H, S, Dh) × 2."""
         qkv = ctx.routing(x, self.qkv, visual.qkv if visual is not None else None)  # (B, T, (H+2Hkv)*Dh)
         q, k, v = self.split(qkv)  # (B, H, T, Dh), (B, Hkv, T, Dh) × 2
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer, ctx.input_pos, k, v, ctx.kv_len, ctx.cache_rows)  # (B, Hkv, S, Dh)
-        n_rep = c.num_attention_heads // c.num_key_value_heads
+        n_rep = self.cfg.num_attention_heads // self.cfg.num_key_value_heads
         if n_rep > 1:
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # (B, H, S, Dh)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None,
-                                           scale=1.0 / math.sqrt(c.head_dim))  # (B, H, T, Dh)
-        o = o.transpose(1, 2).reshape(b, t, c.num_attention_heads * c.head_dim)  # (B, T, H*Dh)
-        return ctx.routing(o, self.out, visual.out if visual is not None else None)
+        return q, k, v
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                segments: list[list[int]] | None = None) -> torch.Tensor:
+        """q (B, H, n, Dh) over k, v (B, H, S, Dh), `mask` (B, 1, n, S) or None (causal) → (B, n, H*Dh). With
+        `segments` (packed samples' lengths), each sample attends causally within itself: the mask's result,
+        without computing the blocks that it masks."""
+        scale = 1.0 / math.sqrt(self.cfg.head_dim)
+        if segments is not None:  # split, not sliced: the backward then joins the pieces' gradients in one copy
+            o = torch.stack([torch.cat([F.scaled_dot_product_attention(qs[None], ks[None], vs[None], is_causal=True,
+                                                                       scale=scale)[0]
+                                        for qs, ks, vs in zip(qb.split(n, 1), kb.split(n, 1), vb.split(n, 1))], 1)
+                             for qb, kb, vb, n in zip(q, k, v, segments)])  # (B, H, n, Dh)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+        return o.transpose(1, 2).flatten(2)  # (B, n, H*Dh)
 
 
 class PackedQKV(Attention):
@@ -297,10 +269,18 @@ class DecoderLayer(nn.Module):
         return tuple(getattr(self, name) for name in (n.attention_norm, n.attention, n.attention + "_ve",
                                                       n.ffn_norm, n.feed_forward, n.feed_forward + "_ve"))
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D) → (B, T, D); given `rows` (N,), flat positions of x, the output there only (N, D): the training
+        loss needs the last layer nowhere else, so the other positions only give their keys and values. (One entry
+        point, so that FSDP's and checkpointing's hooks on `forward` see both.)"""
         attention_norm, attention, attention_ve, ffn_norm, ffn, ffn_ve = self.parts()
-        x = x + attention(attention_norm(x), ctx, attention_ve)  # (B, T, D)
-        return x + ffn(ffn_norm(x), ctx, ffn_ve)
+        if rows is None:
+            x = x + attention(attention_norm(x), ctx, attention_ve)  # (B, T, D)
+            return x + ffn(ffn_norm(x), ctx, ffn_ve)
+        sub = replace(ctx, routing=ctx.routing.at_rows(rows))
+        h = x.flatten(0, 1).index_select(0, rows)  # (N, D)
+        h = h + attention.at_rows(attention_norm(x), ctx, attention_ve, rows, sub.routing)
+        return h + ffn(ffn_norm(h)[None], sub, ffn_ve)[0]
 
 
 class DecoderModel(nn.Module):
@@ -352,11 +332,16 @@ class CausalLM(nn.Module):
         packed = input_pos is not None  # without a cache, explicit positions mean packed samples
         if input_pos is None:
             input_pos = torch.arange(t, device=x.device).expand(b, t)  # (B, T)
-        mask, kv_len = None, t
+        mask, kv_len, segments = None, t, None
         if cache is None and packed:
-            seg = (input_pos == 0).cumsum(-1)  # (B, T): a new sample starts wherever its position is 0
+            starts = input_pos == 0  # (B, T): a new sample starts wherever its position is 0
+            seg = starts.cumsum(-1)  # (B, T)
             same = seg[:, :, None] == seg[:, None, :]  # (B, T, T)
             mask = (same & torch.ones(t, t, dtype=torch.bool, device=x.device).tril())[:, None]  # (B, 1, T, T)
+            cuts = [{0, t} for _ in range(b)]
+            for row, at in starts.nonzero().tolist():  # one host sync
+                cuts[row].add(at)
+            segments = [[e - s for s, e in itertools.pairwise(sorted(c))] for c in cuts]
         if cache is not None:
             kv_len = int(input_pos.max()) + 1  # one host sync per forward
             if kv_len > cache.max_len:
@@ -364,11 +349,17 @@ class CausalLM(nn.Module):
             keys = torch.arange(kv_len, device=x.device)
             mask = keys[None, None, None, :] <= input_pos[:, None, :, None]  # (B, 1, T, S)
         cos, sin = rope_cos_sin(self.cfg, input_pos, kv_len, x.dtype)
-        ctx = ForwardContext(Routing.build(visual_mask, dense), cos, sin, input_pos, kv_len, mask, cache, cache_rows)
+        ctx = ForwardContext(Routing.build(visual_mask, dense), cos, sin, input_pos, kv_len, mask, cache, cache_rows,
+                             segments)
+        if labels is not None:  # the last layer only where a label is predicted
+            rows, target = labelled_rows(labels)  # (N,), (N,)
+            *body, last = self.model.layers
+            for layer in body:
+                x = layer(x, ctx)
+            h = last(x, ctx, rows) if cache is None and len(rows) else last(x, ctx).flatten(0, 1)[rows]
+            return rows_loss(h, target, self.model.norm, self.head, loss_chunk)  # () fp32
         for layer in self.model.layers:
             x = layer(x, ctx)
-        if labels is not None:
-            return head_loss(x, labels, self.model.norm, self.head, loss_chunk)  # () fp32
         if logits_at is not None:
             x = x[torch.arange(b, device=x.device), logits_at][:, None]  # (B, 1, D)
         return self.head(self.model.norm(x))  # (B, T', V)

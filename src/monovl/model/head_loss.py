@@ -12,13 +12,19 @@ import torch.nn.functional as F
 IGNORE = -100  # label of a position without loss
 
 
+def labelled_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """labels (B, T) → (the positions that predict a label, as flat indices into B*T (N,), ascending; their
+    labels (N,))."""
+    target = F.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)  # (B*T,): the label each position predicts
+    rows = (target != IGNORE).nonzero().squeeze(1)  # (N,)
+    return rows, target.index_select(0, rows)
+
+
 def labelled_hidden(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (B, T, D) final hidden states, labels (B, T) → (hidden states that predict a label (N, D), labels (N,)),
     in row-major order of the predicting position."""
-    target = labels[:, 1:].reshape(-1)  # (B*(T-1),): the label each position predicts
-    keep = (target != IGNORE).nonzero().squeeze(1)  # (N,)
-    h = x[:, :-1].reshape(-1, x.shape[-1]).index_select(0, keep)  # (N, D)
-    return h, target.index_select(0, keep)
+    rows, target = labelled_rows(labels)
+    return x.reshape(-1, x.shape[-1]).index_select(0, rows), target  # (N, D), (N,)
 
 
 class _ChunkedHeadCE(torch.autograd.Function):
@@ -59,7 +65,11 @@ def head_loss(x: torch.Tensor, labels: torch.Tensor, norm, head, chunk: int = 0)
     """Summed next-token cross-entropy (fp32) of x (B, T, D) against labels (B, T), through `norm` then `head`
     (a linear layer) at the labelled positions only. `chunk` > 0: at most `chunk` rows of logits at a time,
     recomputed in the backward pass (`_ChunkedHeadCE`); same sum, same gradients to fp32 rounding."""
-    h, y = labelled_hidden(x, labels)  # (N, D), (N,)
+    return rows_loss(*labelled_hidden(x, labels), norm, head, chunk)
+
+
+def rows_loss(h: torch.Tensor, y: torch.Tensor, norm, head, chunk: int = 0) -> torch.Tensor:
+    """`head_loss` of hidden states h (N, D) that predict y (N,)."""
     if chunk <= 0 or h.shape[0] <= chunk:
         return F.cross_entropy(head(norm(h)).float(), y, reduction="sum")  # logits (N, V)
     return _ChunkedHeadCE.apply(norm(h), head.weight, head.bias, y, head, chunk)

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from monovl.config import ModelConfig
-from monovl.model.decoder import CausalLM, KVCache
+from monovl.model.decoder import CausalLM
+from monovl.model.kv_cache import KVCache
 from monovl.model.vision import VisionModel, make_mlp1, pixel_shuffle
 
 

@@ -208,7 +208,8 @@ def ffn_main(args) -> int:
     half are visual, three ways: `dense` (both experts on every token, then the mask picks), `routed` (each token
     through its own expert, as the trainer runs it off CUDA) and `one FFN` on every token (routing's multiply-adds
     as a single GEMM per weight: the rate `routed` could reach). Minimum over `--steps` alternating rounds."""
-    from monovl.model.decoder import DecoderLayer, Routing
+    from monovl.model.decoder import DecoderLayer
+    from monovl.model.routing import Routing
 
     llm = dataclasses.replace(_config(args.preset, 1).llm, visual_ffn_experts=True, visual_attention_experts=False)
     torch.manual_seed(0)
