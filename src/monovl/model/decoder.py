@@ -146,7 +146,7 @@ class Attention(nn.Module):
                 routing: Routing) -> torch.Tensor:
         """The output at the flat positions `rows` (N,) only → (N, D): keys and values from every position, queries
         and the output projection at `rows` (without a cache; `routing` is that of the rows)."""
-        q, k, v = self._project(x, ctx, visual)  # (B, H, T, Dh), (B, H, T, Dh) × 2
+        q, k, v = self._project(x, ctx, visual)  # (B, H, T, Dh), (B, Hkv, T, Dh) × 2
         (b, h, t, dh), batch_row = q.shape, rows // x.shape[1]
         n_b = torch.bincount(batch_row, minlength=b)  # queries per batch row
         slot = torch.arange(len(rows), device=rows.device) - (n_b.cumsum(0) - n_b)[batch_row]
@@ -163,30 +163,28 @@ class Attention(nn.Module):
         return routing(o[None], self.out, visual.out if visual is not None else None)[0]
 
     def _project(self, x: torch.Tensor, ctx: ForwardContext, visual: Attention | None):
-        """Queries, keys and values, rotated, cached, kv heads repeated: (B, H, T, Dh), (B, H, S, Dh) × 2."""
+        """Queries, keys and values, rotated, cached: (B, H, T, Dh), (B, Hkv, S, Dh) × 2."""
         qkv = ctx.routing(x, self.qkv, visual.qkv if visual is not None else None)  # (B, T, (H+2Hkv)*Dh)
         q, k, v = self.split(qkv)  # (B, H, T, Dh), (B, Hkv, T, Dh) × 2
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer, ctx.input_pos, k, v, ctx.kv_len, ctx.cache_rows)  # (B, Hkv, S, Dh)
-        n_rep = self.cfg.num_attention_heads // self.cfg.num_key_value_heads
-        if n_rep > 1:
-            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)  # (B, H, S, Dh)
         return q, k, v
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                 segments: list[list[int]] | None = None) -> torch.Tensor:
-        """q (B, H, n, Dh) over k, v (B, H, S, Dh), `mask` (B, 1, n, S) or None (causal) → (B, n, H*Dh). With
-        `segments` (packed samples' lengths), each sample attends causally within itself: the mask's result,
-        without computing the blocks that it masks."""
+        """q (B, H, n, Dh) over k, v (B, Hkv, S, Dh) (each kv head serves H / Hkv query heads), `mask` (B, 1, n, S)
+        or None (causal) → (B, n, H*Dh). With `segments` (packed samples' lengths), each sample attends causally
+        within itself: the mask's result, without computing the blocks that it masks."""
         scale = 1.0 / math.sqrt(self.cfg.head_dim)
         if segments is not None:  # split, not sliced: the backward then joins the pieces' gradients in one copy
             o = torch.stack([torch.cat([F.scaled_dot_product_attention(qs[None], ks[None], vs[None], is_causal=True,
-                                                                       scale=scale)[0]
+                                                                       scale=scale, enable_gqa=True)[0]
                                         for qs, ks, vs in zip(qb.split(n, 1), kb.split(n, 1), vb.split(n, 1))], 1)
                              for qb, kb, vb, n in zip(q, k, v, segments)])  # (B, H, n, Dh)
         else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                               enable_gqa=True)
         return o.transpose(1, 2).flatten(2)  # (B, n, H*Dh)
 
 
