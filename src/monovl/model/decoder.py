@@ -70,7 +70,7 @@ class ForwardContext:
     sin: torch.Tensor
     input_pos: torch.Tensor | None  # (B, T), with a cache
     kv_len: int
-    mask: torch.Tensor | None  # (B, 1, T, kv_len) bool; None = plain causal
+    mask: torch.Tensor | None  # (B, 1, T, kv_len) bool, with a cache; None = causal (within each sample if packed)
     cache: KVCache | None
     cache_rows: torch.Tensor | None = None  # (B,) cache rows of the batch rows; None = 0..B-1
     segments: list[list[int]] | None = None  # packed samples: the lengths of each row's samples, in order
@@ -145,7 +145,8 @@ class Attention(nn.Module):
     def at_rows(self, x: torch.Tensor, ctx: ForwardContext, visual: Attention | None, rows: torch.Tensor,
                 routing: Routing) -> torch.Tensor:
         """The output at the flat positions `rows` (N,) only → (N, D): keys and values from every position, queries
-        and the output projection at `rows` (without a cache; `routing` is that of the rows)."""
+        and the output projection at `rows` (without a cache: causal, within each sample if packed; `routing` is that
+        of the rows)."""
         q, k, v = self._project(x, ctx, visual)  # (B, H, T, Dh), (B, Hkv, T, Dh) × 2
         (b, h, t, dh), batch_row = q.shape, rows // x.shape[1]
         n_b = torch.bincount(batch_row, minlength=b)  # queries per batch row
@@ -155,11 +156,12 @@ class Attention(nn.Module):
         valid = torch.zeros_like(pos, dtype=torch.bool)
         valid[batch_row, slot] = True
         q = q.gather(2, pos[:, None, :, None].expand(-1, h, -1, dh))  # (B, H, n, Dh)
-        if ctx.mask is None:
-            mask = torch.arange(t, device=rows.device)[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, n, T)
-        else:
-            mask = ctx.mask.gather(2, pos[:, None, :, None].expand(-1, -1, -1, ctx.mask.shape[-1]))
-        o = self._attend(q, k, v, mask)[valid]  # (N, H*Dh), in the order of rows
+        mask = torch.arange(t, device=rows.device) <= pos[..., None]  # (B, n, T): causal
+        if ctx.segments is not None:  # packed samples: and within the query's own sample
+            sample = torch.stack([torch.arange(len(n), device=rows.device).repeat_interleave(
+                torch.tensor(n, device=rows.device)) for n in ctx.segments])  # (B, T): each position's sample
+            mask &= sample.gather(1, pos)[..., None] == sample[:, None, :]
+        o = self._attend(q, k, v, mask[:, None])[valid]  # (N, H*Dh), in the order of rows
         return routing(o[None], self.out, visual.out if visual is not None else None)[0]
 
     def _project(self, x: torch.Tensor, ctx: ForwardContext, visual: Attention | None):
@@ -332,12 +334,8 @@ class CausalLM(nn.Module):
             input_pos = torch.arange(t, device=x.device).expand(b, t)  # (B, T)
         mask, kv_len, segments = None, t, None
         if cache is None and packed:
-            starts = input_pos == 0  # (B, T): a new sample starts wherever its position is 0
-            seg = starts.cumsum(-1)  # (B, T)
-            same = seg[:, :, None] == seg[:, None, :]  # (B, T, T)
-            mask = (same & torch.ones(t, t, dtype=torch.bool, device=x.device).tril())[:, None]  # (B, 1, T, T)
-            cuts = [{0, t} for _ in range(b)]
-            for row, at in starts.nonzero().tolist():  # one host sync
+            cuts = [{0, t} for _ in range(b)]  # a new sample starts wherever its position is 0
+            for row, at in (input_pos == 0).nonzero().tolist():  # one host sync
                 cuts[row].add(at)
             segments = [[e - s for s, e in itertools.pairwise(sorted(c))] for c in cuts]
         if cache is not None:
