@@ -50,7 +50,8 @@ def _for_layout(patterns: list[str], names: list[str]) -> list[str]:
     return out
 
 
-def _patterns(stage_or_patterns: str | Sequence[str]) -> list[str]:
+def trainable_patterns(stage_or_patterns: str | Sequence[str]) -> list[str]:
+    """The fnmatch patterns of the trainable parameters: a stage's (`STAGES`) or the given list, checked."""
     if isinstance(stage_or_patterns, str):
         if stage_or_patterns not in STAGES:
             raise ValueError(f"unknown stage {stage_or_patterns!r}; choose one of {sorted(STAGES)} "
@@ -65,7 +66,7 @@ def _patterns(stage_or_patterns: str | Sequence[str]) -> list[str]:
 def freeze(model: nn.Module, stage_or_patterns: str | Sequence[str]) -> nn.Module:
     """Train exactly the parameters whose names match one of the stage's patterns; freeze the rest."""
     names = [n for n, _ in model.named_parameters()]
-    patterns = _patterns(stage_or_patterns)
+    patterns = trainable_patterns(stage_or_patterns)
     if isinstance(stage_or_patterns, str):
         patterns = _for_layout(patterns, names)
     unmatched = [p for p in patterns

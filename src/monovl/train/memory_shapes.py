@@ -252,14 +252,14 @@ def _child(args, kind: str, shape: str, path: str) -> dict:
 def _official(args, shape: str) -> dict:
     """The official model code's step on the same geometry, batch and freeze, in `--official-python`."""
     from monovl.config import to_hf_config
-    from monovl.train.freeze import _patterns
+    from monovl.train.freeze import trainable_patterns
 
     cfg = _config(args.preset, args.layers)
     with tempfile.TemporaryDirectory() as tmp:
         files = [Path(tmp) / name for name in ("config.json", "batch.pt", "patterns.json")]
         files[0].write_text(json.dumps(to_hf_config(cfg) | {"img_context_token_id": cfg.image_token_id}))
         torch.save(shape_batch(cfg, shape), files[1])
-        files[2].write_text(json.dumps(_patterns(args.stage)))  # the stage's patterns; unknown: clear error
+        files[2].write_text(json.dumps(trainable_patterns(args.stage)))  # the stage's patterns; unknown: clear error
         cmd = [args.official_python, str(Path(__file__).with_name("official_step.py")), args.official_code,
                *map(str, files), str(args.steps)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=_MALLOC_ENV)  # same allocator
