@@ -138,16 +138,31 @@ def test_shapes_bench_and_profile_measure_each_path():
         batch = shape_batch(cfg, shape)
         assert batch["input_ids"].shape == (1, 1 + cfg.num_image_token + n_text)
         assert int((batch["labels"] != -100).sum()) == n_answer
+    flops = {}
     for path in PATHS:
         r = measure_step("s2", path, "debug", 1, "full", 1)
         assert r["step_s"] > 0 and r["tokens"] == 1 + 4 + 256
+        flops[path] = r["flops"]
         assert measure_head("s1.1", path, "debug", "s1.1", 1)["head_s"] > 0
+    # both experts on every token > routed > logits only at the 64 labelled rows; chunking recomputes those
+    assert flops["dense"] > flops["full"] > flops["labelled"] > 0 and flops["chunked"] > flops["labelled"]
     model = random_model(cfg).train()
     times = profile_step(model, shape_batch(cfg, "s2"), torch.optim.AdamW(param_groups(model, 0.0), lr=1e-3))
     parts = {"vision (patch embedding, mlp1)", "attention projections", "FFN experts", "optimizer (AdamW)",
              "head (final norm, output; labelled rows)", "RMSNorms in the layers", "step"}
     assert set(times) == parts and all(t > 0 for t in times.values())
     assert sum(v for k, v in times.items() if k not in ("step", "optimizer (AdamW)")) < times["step"]
+
+
+def test_flop_counter_counts_the_cpu_attention_kernels():
+    from monovl.train.memory_shapes import flop_counter
+
+    q = torch.randn(1, 4, 16, 8, requires_grad=True)
+    k, v = (torch.randn(1, 2, 16, 8, requires_grad=True) for _ in range(2))
+    with flop_counter() as counter:
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+    per_product = 2 * 4 * 16 * 16 * 8  # one (16 × 8) @ (8 × 16)-sized product per head: 2·s·s·d multiply-adds
+    assert counter.get_total_flops() == (2 + 5) * per_product  # forward: scores, output; backward: 5 products
 
 
 def test_ffn_bench_times_dense_routed_and_one_ffn(capsys):

