@@ -156,9 +156,12 @@ def test_real_data_mix_from_text_jsonl(tmp_path):
     (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
     cfg = load_recipe(write_recipe(tmp_path, steps=3), [
         f"model.path={ckpt}", "data.kind=mix", f"data.sources=[{{kind = 'text', path = '{tmp_path / 't.jsonl'}'}}]",
-        "data.batch_size=2", "checkpoint.export=false"])
-    seq = loop.train(cfg)["losses"]
-    assert len(seq) == 3 and all(x == x for x in seq)
+        "data.batch_size=2", "data.options={max_tiles = 2}"])
+    assert monovl.load_model(ckpt).cfg.max_dynamic_patch != 2
+    result = loop.train(cfg)
+    assert len(result["losses"]) == 3 and all(x == x for x in result["losses"])
+    # the export says the tile budget it trained with, as the official fine-tuning writes its data arguments
+    assert json.loads((Path(result["final"]) / "config.json").read_text())["max_dynamic_patch"] == 2
     with pytest.raises(ValueError, match="data.sources"):
         loop.train(apply_overrides(cfg, ["data.sources=[{kind = 'text', paht = 'x'}]"]))
 

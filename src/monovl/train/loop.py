@@ -17,6 +17,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from monovl.train import parallel
+from monovl.train.data_config import DataConfig
 from monovl.train.freeze import adamw, freeze, param_groups
 from monovl.train.lora import apply_lora, merge_lora
 from monovl.train.metrics import MetricsWriter
@@ -273,6 +274,8 @@ def train(cfg: TrainConfig, data=None, *, force: bool = False) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.schedule.warmup_steps, total, o.min_lr_ratio))
     data = data if data is not None else build_data(cfg, model.cfg, tokenizer, rank, world)
+    if model.cfg.vision is not None and isinstance(getattr(data, "cfg", None), DataConfig):
+        model.cfg.max_dynamic_patch = data.cfg.max_tiles  # the export's tile budget is the one it trained with
 
     start, skipped = _resume(ckpt_dir, model, optimizer, scheduler, data, load=cfg.run.resume, rank=rank)
     stream = iter(data)
