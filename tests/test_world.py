@@ -146,6 +146,17 @@ def test_conversations_format(world):
     assert {"Yes", "No"} & answers and set("ABCD") & answers  # the stage formats, learnt before any image
 
 
+def test_lookups_are_the_s1_3_rows_that_find_an_object_by_colour_shape_or_place(world):
+    rows = _jsonl(world / "s1_3/conversations.jsonl")
+    lookups = _jsonl(world / "s1_3/lookups.jsonl")
+    assert 0 < len(lookups) < len(rows) and all(r in rows for r in lookups)  # the same rows, same ids and bytes
+    asks = re.compile(r"<image>\n(What colour is the|Is the \w+ \w+\?|What shape is the|Is the \w+ object a |"
+                      r"Where is the|Is the \w+ \w+ at the)")
+    kept = {r["id"] for r in lookups}
+    for r in rows:  # a row is kept exactly when its question is one of those look-ups, in any answer format
+        assert bool(asks.match(r["conversations"][0]["value"])) == (r["id"] in kept), r
+
+
 def test_tokenizer_on_world_texts_keeps_the_template_short(world, tmp_path):
     from monovl.template import DEFAULT_SYSTEM_MESSAGE
     from monovl.tokenizer import build_bpe_tokenizer

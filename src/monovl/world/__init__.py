@@ -8,6 +8,7 @@
     images/words/*.png, s1_1/words.jsonl            one written word or number (and one shape), captioned by it
     s1_2/pairs.jsonl                                accurate detailed captions (S1.2)
     s1_3/conversations.jsonl (+ meta.json)          task data: colour/shape/count/position/OCR/grounding (S1.3)
+    s1_3/lookups.jsonl                              its rows that ask an object's colour, shape or place
     s2/conversations.jsonl, s2/meta.json            multi-turn, multi-image and text-only instructions (S2)
     s2/plain.jsonl                                  plainly asked questions, answered in a sentence (S2)
     text/corpus.jsonl                               invented facts, arithmetic, descriptions (base LLM)
@@ -111,6 +112,7 @@ def write_tsv(path: Path, rows: list[dict], columns: list[str]) -> int:
 
 
 CATEGORIES = ("colour", "shape", "count", "position", "ocr")
+LOOKUPS = ("colour", "shape", "position")  # the categories that find an object named by another of its attributes
 MC_COLUMNS = ["index", "image", "question", "A", "B", "C", "D", "answer", "category"]
 QA_COLUMNS = ["index", "image", "question", "answer", "category"]
 
@@ -195,9 +197,11 @@ def _image_stages(w: _Writer, sc: WorldScale, split: str, scenes: list[Scene], p
                                                          for i, row in enumerate(s11)], sc.shard_size)
         w.files["s1_1_shards"], w.counts["s1_1_shards"] = "s1_1/shards", len(shards)
     r = w.rng(f"s1_3{name}")
-    w.jsonl(f"s1_3{name}", f"s1_3/{stem}.jsonl",
-            ({"id": f"s1_3{name}-{k:06d}", "image": _img(split, k % len(scenes)),
-              "conversations": D.s1_3_conversation(scenes[k % len(scenes)], r)} for k in range(sc.s1_3 if train else n)))
+    s13 = [(k, *D.s1_3_conversation(scenes[k % len(scenes)], r)) for k in range(sc.s1_3 if train else n)]
+    rows = [{"id": f"s1_3{name}-{k:06d}", "image": _img(split, k % len(scenes)), "conversations": c} for k, c, _ in s13]
+    w.jsonl(f"s1_3{name}", f"s1_3/{stem}.jsonl", rows)
+    if train:  # the same rows, only those that look an object up by another attribute: its colour, shape, place
+        w.jsonl("s1_3_lookups", "s1_3/lookups.jsonl", (row for row, (*_, cat) in zip(rows, s13) if cat in LOOKUPS))
     r, s2 = w.rng(f"s2{name}"), []
     for k in range(sc.s2 if train else n):
         roll, row = r.random(), {"id": f"s2{name}-{k:06d}"}

@@ -236,21 +236,23 @@ def _image(k: int) -> str:
     return add_image_placeholders("", k)
 
 
-def _turn(scene: Scene, rng: random.Random, *, caption: bool = True, grounded: bool = True) -> tuple[str, str]:
-    """One question about `scene` in a random format: short answer, yes/no, multiple choice, box or caption."""
+def _turn(scene: Scene, rng: random.Random, *, caption: bool = True,
+          grounded: bool = True) -> tuple[str, str, str]:
+    """One question about `scene` in a random format: short answer, yes/no, multiple choice, box or caption; with
+    its category (a question's, or "caption" / "grounding")."""
     roll = rng.random()
     if caption and roll < 0.1:
-        return rng.choice(("Describe the picture.", "Describe the picture in detail.")), describe(scene)
+        return rng.choice(("Describe the picture.", "Describe the picture in detail.")), describe(scene), "caption"
     if grounded and roll < 0.2:
-        return grounding(scene, rng)
+        return *grounding(scene, rng), "grounding"
     qa = rng.choice(questions(scene))
     if roll < 0.35:
         q, a = as_yesno(qa, rng)
-        return q + YESNO, a
+        return q + YESNO, a, qa.category
     if roll < 0.5:
         options, letter = as_choice(qa, rng)
-        return mc_prompt(qa.question, options), letter
-    return qa.question + SHORT, qa.answer
+        return mc_prompt(qa.question, options), letter, qa.category
+    return qa.question + SHORT, qa.answer, qa.category
 
 
 def _conv(turns: list[tuple[str, str]], prefix: str) -> list[dict]:
@@ -260,9 +262,10 @@ def _conv(turns: list[tuple[str, str]], prefix: str) -> list[dict]:
     return out
 
 
-def s1_3_conversation(scene: Scene, rng: random.Random) -> list[dict]:
-    """A single-turn task sample (S1.3)."""
-    return _conv([_turn(scene, rng)], _image(1))
+def s1_3_conversation(scene: Scene, rng: random.Random) -> tuple[list[dict], str]:
+    """A single-turn task sample (S1.3) and its question's category."""
+    q, a, category = _turn(scene, rng)
+    return _conv([(q, a)], _image(1)), category
 
 
 def plain_conversation(scene: Scene, rng: random.Random) -> list[dict]:
@@ -284,7 +287,7 @@ def multi_image_turn(scenes: list[Scene], rng: random.Random) -> tuple[str, str]
         answer = "the first" if n1 > n2 else "the second" if n2 > n1 else "neither"
         return "Which picture has more shapes, the first or the second?" + SHORT, answer
     k = rng.randrange(2)
-    q, a = _turn(scenes[k], rng, caption=False, grounded=False)
+    q, a, _ = _turn(scenes[k], rng, caption=False, grounded=False)
     return f"In the {('first', 'second')[k]} picture: {q}", a
 
 
@@ -298,7 +301,7 @@ def s2_conversation(scenes: list[Scene], facts: list[Fact], sums: list[tuple[str
         return _conv([(q + SHORT if rng.random() < 0.5 else q, a) for q, a in picks], "")
     if len(scenes) == 2:
         return _conv([multi_image_turn(scenes, rng) for _ in range(turns)], _image(2))
-    return _conv([_turn(scenes[0], rng) for _ in range(turns)], _image(1))
+    return _conv([_turn(scenes[0], rng)[:2] for _ in range(turns)], _image(1))
 
 
 def chat_conversation(facts: list[Fact], sums: list[tuple[str, str]], rng: random.Random) -> list[dict]:
@@ -312,7 +315,7 @@ def chat_conversation(facts: list[Fact], sums: list[tuple[str, str]], rng: rando
         roll = rng.random()
         if roll < 0.5:
             scene = sample_scene(rng)
-            q, a = _turn(scene, rng, caption=False, grounded=False)
+            q, a, _ = _turn(scene, rng, caption=False, grounded=False)
             turns.append((described(scene, q), a))
             continue
         roll = rng.random()
