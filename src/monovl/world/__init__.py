@@ -197,11 +197,12 @@ def _image_stages(w: _Writer, sc: WorldScale, split: str, scenes: list[Scene], p
                                                          for i, row in enumerate(s11)], sc.shard_size)
         w.files["s1_1_shards"], w.counts["s1_1_shards"] = "s1_1/shards", len(shards)
     r = w.rng(f"s1_3{name}")
-    s13 = [(k, *D.s1_3_conversation(scenes[k % len(scenes)], r)) for k in range(sc.s1_3 if train else n)]
-    rows = [{"id": f"s1_3{name}-{k:06d}", "image": _img(split, k % len(scenes)), "conversations": c} for k, c, _ in s13]
+    s13 = [D.s1_3_conversation(scenes[k % len(scenes)], r) for k in range(sc.s1_3 if train else n)]
+    rows = [{"id": f"s1_3{name}-{k:06d}", "image": _img(split, k % len(scenes)), "conversations": c}
+            for k, (c, _) in enumerate(s13)]
     w.jsonl(f"s1_3{name}", f"s1_3/{stem}.jsonl", rows)
     if train:  # the same rows, only those that look an object up by another attribute: its colour, shape, place
-        w.jsonl("s1_3_lookups", "s1_3/lookups.jsonl", (row for row, (*_, cat) in zip(rows, s13) if cat in LOOKUPS))
+        w.jsonl("s1_3_lookups", "s1_3/lookups.jsonl", (row for row, (_, cat) in zip(rows, s13) if cat in LOOKUPS))
     r, s2 = w.rng(f"s2{name}"), []
     for k in range(sc.s2 if train else n):
         roll, row = r.random(), {"id": f"s2{name}-{k:06d}"}
