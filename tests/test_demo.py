@@ -100,7 +100,8 @@ def test_shipped_model_is_small_and_in_release_format():
     model, tokenizer = monovl.load(SHIPPED_MODEL)
     assert model.cfg.vision.image_size == 112 and model.cfg.llm.visual_ffn_experts
     assert model.cfg.llm.visual_attention_experts and model.cfg.vision.hidden_size == preset("tiny").vision.hidden_size
-    assert model.cfg.max_dynamic_patch == preset("tiny").max_dynamic_patch == 1  # the tile budget it trained with
+    # the tile budget its S1.3 and S2 trained with (S1.1 and S1.2, as the preset, one tile per picture)
+    assert model.cfg.max_dynamic_patch == 3 and preset("tiny").max_dynamic_patch == 1
     assert model.cfg.image_token_id == tokenizer.img_context_id
     assert json.loads((SHIPPED_MODEL / "config.json").read_text())["architectures"] == ["InternVLChatModel"]
 

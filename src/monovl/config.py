@@ -98,7 +98,8 @@ def _debug() -> ModelConfig:
 
 def _tiny() -> ModelConfig:
     """The shipped tiny model: a small InternLM2 with visual FFN experts (its recipes add attention experts when
-    they monolithize it); 112-px tiles, patch 7, pixel shuffle 0.5 → 64 tokens per tile, one tile per picture. With
+    they monolithize it); 112-px tiles, patch 7, pixel shuffle 0.5 → 64 tokens per tile, one tile per picture (the
+    shipped model's S1.3 and S2 went on with up to three tiles and the thumbnail; its config says so). With
     16 tokens per tile (patch 14) its visual path could not learn a shape's kind (README: perception). The patch
     embedding is wide (768 channels): with 64, a 300-step frozen-LLM S1.2 probe learnt half as much from the image
     (shuffled-image loss gap 0.030 vs 0.063). `vocab_size` is a stand-in: set it from the tokenizer

@@ -17,7 +17,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from monovl.train import parallel
-from monovl.train.data_config import DataConfig
 from monovl.train.freeze import adamw, freeze, param_groups
 from monovl.train.lora import apply_lora, merge_lora
 from monovl.train.metrics import MetricsWriter
@@ -112,7 +111,9 @@ def build_model(cfg: TrainConfig, device: torch.device):
 
 
 def build_data(cfg: TrainConfig, model_cfg, tokenizer, rank: int, world: int):
-    """The `[data]` section's loader for this process (`batch_size / world` rows per micro step)."""
+    """The `[data]` section's loader for this process (`batch_size / world` rows per micro step). A mix sets the
+    model config's tile budget to its own `max_tiles`: the export says what it trained with, as the official
+    fine-tuning writes its data arguments into the config."""
     d = cfg.data
     if d.kind == "synthetic":
         return SyntheticData(cfg, model_cfg, rank, world)
@@ -131,6 +132,8 @@ def build_data(cfg: TrainConfig, model_cfg, tokenizer, rank: int, world: int):
                           micro_batch=d.batch_size // world, seed=d.seed, **d.options)
     except TypeError as e:  # an unknown key in data.sources or data.options
         raise ValueError(f"bad data.sources / data.options: {e}") from e
+    if model_cfg.vision is not None:
+        model_cfg.max_dynamic_patch = dcfg.max_tiles
     return TrainLoader(dcfg, tokenizer, model_cfg, rank, world)
 
 
@@ -274,8 +277,6 @@ def train(cfg: TrainConfig, data=None, *, force: bool = False) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.schedule.warmup_steps, total, o.min_lr_ratio))
     data = data if data is not None else build_data(cfg, model.cfg, tokenizer, rank, world)
-    if model.cfg.vision is not None and isinstance(getattr(data, "cfg", None), DataConfig):
-        model.cfg.max_dynamic_patch = data.cfg.max_tiles  # the export's tile budget is the one it trained with
 
     start, skipped = _resume(ckpt_dir, model, optimizer, scheduler, data, load=cfg.run.resume, rank=rank)
     stream = iter(data)
