@@ -2,7 +2,16 @@
 import pytest
 
 import monovl
+from monovl.world import generate_world
 from random_checkpoint import write_random_checkpoint
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A small synthetic world (seed 0), generated once; tests only read it."""
+    out = tmp_path_factory.mktemp("world")
+    generate_world(out, seed=0, scale="small")
+    return out
 
 
 @pytest.fixture(scope="session")
